@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from backend.projects.models import Project
+
+
+class Image(models.Model):
+    """An uploaded slide region. Files are content-addressed, so the same bytes are stored once."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="images")
+    name = models.CharField(max_length=255)
+    file = models.FileField(max_length=255)
+    sha256 = models.CharField(max_length=64, db_index=True)
+    format = models.CharField(max_length=8)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    microns_per_pixel = models.FloatField(null=True, blank=True)
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "sha256"], name="unique_image_bytes_per_project")]
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Tile(models.Model):
+    """A region of an image that is annotated and predicted as one unit."""
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="tiles")
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="tiles")
+    x = models.PositiveIntegerField()
+    y = models.PositiveIntegerField()
+    w = models.PositiveIntegerField()
+    h = models.PositiveIntegerField()
+    file = models.FileField(max_length=255, help_text="The tile's pixels as RGB PNG.")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["image", "x", "y", "w", "h"], name="unique_tile_region")]
+        ordering = ["image_id", "y", "x"]
+
+    def __str__(self) -> str:
+        return f"{self.image.name}[{self.x},{self.y} {self.w}x{self.h}]"
+
+
+class AnnotationSource(models.TextChoices):
+    MANUAL = "manual", "Manual"
+    CORRECTED_PREDICTION = "corrected_prediction", "Corrected prediction"
+    IMPORTED = "imported", "Imported"
+
+
+class AnnotationStatus(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    SUBMITTED = "submitted", "Submitted"
+    REVIEWED = "reviewed", "Reviewed"
+    REJECTED = "rejected", "Rejected"
+
+
+class AppendOnlyViolation(Exception):
+    """Raised when code tries to change the pixels or lineage of a stored annotation version."""
+
+
+class Annotation(models.Model):
+    """One version of a tile's nucleus instance label map (16-bit PNG in storage).
+
+    Append-only: a correction creates a new version whose ``parent`` is the one it corrects.
+    Only the review fields may change after creation; nothing is deleted.
+    """
+
+    REVIEW_FIELDS = frozenset({"status", "reviewed_by", "reviewed_at", "review_comment"})
+
+    tile = models.ForeignKey(Tile, on_delete=models.CASCADE, related_name="annotations")
+    version = models.PositiveIntegerField()
+    mask = models.FileField(max_length=255)
+    classes = models.JSONField(default=dict, blank=True, help_text="Instance id -> nucleus class id.")
+    nucleus_count = models.PositiveIntegerField(default=0)
+    source = models.CharField(max_length=24, choices=AnnotationSource.choices)
+    status = models.CharField(max_length=16, choices=AnnotationStatus.choices, default=AnnotationStatus.SUBMITTED)
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="annotations")
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="children")
+    prediction = models.ForeignKey(
+        "ml.Prediction", null=True, blank=True, on_delete=models.SET_NULL, related_name="corrections"
+    )
+    external_id = models.CharField(
+        max_length=128, blank=True, default="", help_text="Id in an external tool (Label Studio), for idempotent sync."
+    )
+    reviewed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+    review_comment = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tile", "version"], name="unique_annotation_version"),
+            models.UniqueConstraint(
+                fields=["tile", "external_id"], condition=~models.Q(external_id=""), name="unique_external_annotation"
+            ),
+        ]
+        ordering = ["tile_id", "version"]
+
+    def __str__(self) -> str:
+        return f"annotation v{self.version} of tile {self.tile_id}"
+
+    def save(self, *args, **kwargs) -> None:
+        if self.pk is not None:
+            update_fields = kwargs.get("update_fields")
+            if update_fields is None or not set(update_fields) <= self.REVIEW_FIELDS | {"updated_at"}:
+                raise AppendOnlyViolation(
+                    "annotation versions are append-only: save(update_fields=...) may only change review fields"
+                )
+            kwargs["update_fields"] = set(update_fields) | {"updated_at"}
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AppendOnlyViolation("annotation versions are never deleted")

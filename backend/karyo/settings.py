@@ -1,0 +1,247 @@
+"""Karyo settings: one module, configured entirely from environment variables.
+
+With nothing set, Karyo runs on the *embedded default*: SQLite (WAL) and media files under
+``var/``, and a Celery broker that needs no server (kombu's filesystem transport). Production
+sets ``DATABASE_URL``, ``KARYO_REDIS_URL`` and the ``KARYO_S3_*`` variables (see README).
+"""
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from .env import ConfigError, env_bool, env_int, env_list, env_str, env_url
+
+BASE_DIR = Path(__file__).resolve().parents[2]
+VAR_DIR = Path(env_str("KARYO_VAR_DIR", str(BASE_DIR / "var"))).resolve()
+KARYO_VERSION = "0.1.0"
+
+
+def _secret_key() -> str:
+    configured = env_str("KARYO_SECRET_KEY")
+    if configured:
+        if len(configured) < 32:
+            raise ConfigError("KARYO_SECRET_KEY must be at least 32 characters")
+        return configured
+    # Embedded default: a per-installation key kept on disk, so sessions survive restarts.
+    key_file = VAR_DIR / "secret_key"
+    if key_file.exists():
+        return key_file.read_text().strip()
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(50)
+    key_file.write_text(key)
+    key_file.chmod(0o600)
+    return key
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("KARYO_DEBUG", False)
+ALLOWED_HOSTS = env_list("KARYO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("KARYO_CSRF_TRUSTED_ORIGINS", [])
+KARYO_PUBLIC_URL = env_url("KARYO_PUBLIC_URL", "http://127.0.0.1:8000", schemes={"http", "https"})
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "channels",
+    "backend.projects",
+    "backend.images",
+    "backend.ml",
+    "backend.exports",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "backend.karyo.urls"
+WSGI_APPLICATION = "backend.karyo.wsgi.application"
+ASGI_APPLICATION = "backend.karyo.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "frontend" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database --------------------------------------------------------------------------
+DATABASE_URL = env_url(
+    "DATABASE_URL",
+    f"sqlite:///{VAR_DIR / 'karyo.sqlite3'}",
+    schemes={"sqlite", "postgres", "postgresql", "pgsql"},
+)
+_db = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the web server read while the worker writes; IMMEDIATE transactions take the
+    # write lock up front, so two processes never deadlock upgrading a read lock.
+    _db["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+    }
+    if _db["NAME"] and _db["NAME"] != ":memory:":
+        Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+DATABASES = {"default": _db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Storage ---------------------------------------------------------------------------
+MEDIA_ROOT = Path(env_str("KARYO_MEDIA_ROOT", str(VAR_DIR / "media"))).resolve()
+MEDIA_URL = "/media/"
+STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns on every request otherwise
+STATICFILES_DIRS = [d for d in [BASE_DIR / "frontend" / "dist", BASE_DIR / "frontend" / "static"] if d.exists()]
+
+S3_ENDPOINT = env_url("KARYO_S3_ENDPOINT", None, schemes={"http", "https"})
+S3_PUBLIC_ENDPOINT = env_url("KARYO_S3_PUBLIC_ENDPOINT", S3_ENDPOINT, schemes={"http", "https"})
+S3_BUCKET = env_str("KARYO_S3_BUCKET", "karyo")
+S3_ACCESS_KEY = env_str("KARYO_S3_ACCESS_KEY")
+S3_SECRET_KEY = env_str("KARYO_S3_SECRET_KEY")
+S3_REGION = env_str("KARYO_S3_REGION", "us-east-1")
+if S3_ENDPOINT and not (S3_ACCESS_KEY and S3_SECRET_KEY):
+    raise ConfigError("KARYO_S3_ENDPOINT is set: KARYO_S3_ACCESS_KEY and KARYO_S3_SECRET_KEY are required")
+
+
+def s3_storage_options(endpoint: str, bucket: str, access_key: str, secret_key: str, region: str) -> dict:
+    return {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "endpoint_url": endpoint,
+            "bucket_name": bucket,
+            "access_key": access_key,
+            "secret_key": secret_key,
+            "region_name": region,
+            "addressing_style": "path",
+            "signature_version": "s3v4",
+            "file_overwrite": False,
+            "querystring_auth": True,
+            "querystring_expire": 3600,
+        },
+    }
+
+
+STORAGES = {
+    "default": (
+        s3_storage_options(S3_ENDPOINT, S3_BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY, S3_REGION)
+        if S3_ENDPOINT
+        else {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(MEDIA_ROOT)}}
+    ),
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+# --- Uploads ---------------------------------------------------------------------------
+KARYO_MAX_IMAGE_PIXELS = env_int("KARYO_MAX_IMAGE_PIXELS", 100_000_000, minimum=1)
+KARYO_MAX_UPLOAD_BYTES = env_int("KARYO_MAX_UPLOAD_MB", 1024, minimum=1) * 1024 * 1024
+KARYO_MAX_ZIP_MEMBERS = env_int("KARYO_MAX_ZIP_MEMBERS", 10_000, minimum=1)
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+
+# --- Redis, Celery, Channels -----------------------------------------------------------
+REDIS_URL = env_url("KARYO_REDIS_URL", None, schemes={"redis", "rediss"})
+BROKER_DIR = VAR_DIR / "broker"
+CELERY_BROKER_URL = env_url(
+    "CELERY_BROKER_URL", REDIS_URL or "filesystem://", schemes={"redis", "rediss", "amqp", "filesystem"}
+)
+if CELERY_BROKER_URL == "filesystem://":
+    for sub in ("in", "processed"):
+        (BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(BROKER_DIR / "in"),
+        "data_folder_out": str(BROKER_DIR / "in"),
+        "processed_folder": str(BROKER_DIR / "processed"),
+        "store_processed": False,
+        # The default 1 s poll adds a second to every task; 25 ms costs little CPU.
+        "polling_interval": 0.025,
+    }
+else:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 6 * 3600}
+if REDIS_URL:
+    CELERY_RESULT_BACKEND = REDIS_URL
+else:
+    (VAR_DIR / "results").mkdir(parents=True, exist_ok=True)
+    CELERY_RESULT_BACKEND = f"file://{VAR_DIR / 'results'}"
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "cpu"
+CELERY_TASK_ROUTES = {
+    "karyo.gpu.*": {"queue": "gpu"},
+    "karyo.cpu.*": {"queue": "cpu"},
+}
+CELERY_TASK_TIME_LIMIT = env_int("KARYO_TASK_TIME_LIMIT", 12 * 3600, minimum=10)
+CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 5
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Label Studio ----------------------------------------------------------------------
+LABEL_STUDIO_URL = env_url("LABEL_STUDIO_URL", None, schemes={"http", "https"})
+LABEL_STUDIO_TOKEN = env_str("LABEL_STUDIO_TOKEN")
+LABEL_STUDIO_WEBHOOK_SECRET = env_str("KARYO_LABEL_STUDIO_WEBHOOK_SECRET")
+
+# --- API -------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 100,
+    "EXCEPTION_HANDLER": "backend.common.errors.json_exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Karyo API",
+    "DESCRIPTION": "Nuclei annotation with active learning.",
+    "VERSION": KARYO_VERSION,
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 8}},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+LOGIN_URL = "/admin/login/"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("KARYO_LOG_LEVEL", "INFO")},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}

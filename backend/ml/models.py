@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from backend.images.models import Tile
+from backend.projects.models import Project
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class TrainingRun(models.Model):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
+    architecture = models.CharField(max_length=32)
+    config = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    progress = models.FloatField(default=0.0)
+    epoch_metrics = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+    trigger = models.CharField(max_length=16, default="manual")
+    started_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+
+class ModelStatus(models.TextChoices):
+    CANDIDATE = "candidate", "Candidate"
+    ACTIVE = "active", "Active"
+    RETIRED = "retired", "Retired"
+
+
+class ModelVersion(models.Model):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="model_versions")
+    version = models.PositiveIntegerField()
+    architecture = models.CharField(max_length=32)
+    init_kwargs = models.JSONField(default=dict, blank=True)
+    weights = models.FileField(max_length=255, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    training_run = models.ForeignKey(TrainingRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_versions")
+    status = models.CharField(max_length=16, choices=ModelStatus.choices, default=ModelStatus.CANDIDATE)
+    status_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    promoted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "version"], name="unique_model_version"),
+            models.UniqueConstraint(
+                fields=["project"], condition=models.Q(status="active"), name="one_active_model_per_project"
+            ),
+        ]
+        ordering = ["project_id", "-version"]
+
+
+class Prediction(models.Model):
+    tile = models.ForeignKey(Tile, on_delete=models.CASCADE, related_name="predictions")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="predictions")
+    mask = models.FileField(max_length=255)
+    nucleus_count = models.PositiveIntegerField(default=0)
+    uncertainty = models.JSONField(default=dict, blank=True, help_text="Strategy name -> score (higher = less certain).")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tile", "model_version"], name="unique_prediction")]
+        ordering = ["tile_id", "-created_at"]

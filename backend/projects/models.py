@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+
+
+def default_nucleus_classes() -> list[dict]:
+    return [{"id": 1, "name": "nucleus", "color": "#e6194b"}]
+
+
+def validate_nucleus_classes(value: object) -> None:
+    if not isinstance(value, list) or not value:
+        raise ValidationError("nucleus_classes must be a non-empty list")
+    seen_ids: set[int] = set()
+    seen_names: set[str] = set()
+    for item in value:
+        if not isinstance(item, dict) or not {"id", "name", "color"} <= item.keys():
+            raise ValidationError("each nucleus class needs id, name and color")
+        if not isinstance(item["id"], int) or not 1 <= item["id"] <= 255:
+            raise ValidationError("class ids are integers from 1 to 255 (0 is background)")
+        color = str(item["color"])
+        if len(color) != 7 or not color.startswith("#") or any(c not in "0123456789abcdefABCDEF" for c in color[1:]):
+            raise ValidationError(f"class colour {color!r} is not #rrggbb")
+        if item["id"] in seen_ids or item["name"] in seen_names:
+            raise ValidationError("class ids and names must be unique")
+        seen_ids.add(item["id"])
+        seen_names.add(item["name"])
+
+
+class Role(models.TextChoices):
+    VIEWER = "viewer", "Viewer"
+    ANNOTATOR = "annotator", "Annotator"
+    REVIEWER = "reviewer", "Reviewer"
+    ADMIN = "admin", "Admin"
+
+
+ROLE_RANK = {Role.VIEWER: 0, Role.ANNOTATOR: 1, Role.REVIEWER: 2, Role.ADMIN: 3}
+
+
+class StainNormalization(models.TextChoices):
+    NONE = "none", "None"
+    MACENKO = "macenko", "Macenko"
+    REINHARD = "reinhard", "Reinhard"
+
+
+class Project(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    description = models.TextField(blank=True)
+    nucleus_classes = models.JSONField(default=default_nucleus_classes, validators=[validate_nucleus_classes])
+    tile_size = models.PositiveIntegerField(default=256)
+    tile_overlap = models.PositiveIntegerField(default=0)
+    stain_normalization = models.CharField(max_length=16, choices=StainNormalization.choices, default=StainNormalization.NONE)
+    auto_retrain_threshold = models.PositiveIntegerField(
+        default=20, help_text="Newly accepted annotations that start a training run by themselves (0 = off)."
+    )
+    default_architecture = models.CharField(max_length=32, default="dssnet")
+    al_strategy = models.CharField(max_length=32, default="hybrid")
+    require_review = models.BooleanField(
+        default=False, help_text="Train only on reviewed annotations (otherwise submitted ones count too)."
+    )
+    licence = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.tile_size < 32 or self.tile_size > 4096:
+            raise ValidationError({"tile_size": "tile size must be between 32 and 4096 pixels"})
+        if self.tile_overlap >= self.tile_size:
+            raise ValidationError({"tile_overlap": "overlap must be smaller than the tile size"})
+
+
+class Membership(models.Model):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "project"], name="unique_membership")]
+        ordering = ["project_id", "user_id"]
+
+    def __str__(self) -> str:
+        return f"{self.user} is {self.role} of {self.project}"

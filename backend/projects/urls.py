@@ -1,0 +1,13 @@
+from django.urls import path
+from rest_framework.authtoken.views import obtain_auth_token
+
+from . import api
+
+urlpatterns = [
+    path("auth/token/", obtain_auth_token, name="auth-token"),
+    path("me/", api.MeView.as_view(), name="me"),
+    path("projects/", api.ProjectListView.as_view(), name="project-list"),
+    path("projects/<int:project_id>/", api.ProjectDetailView.as_view(), name="project-detail"),
+    path("projects/<int:project_id>/members/", api.MembershipListView.as_view(), name="membership-list"),
+    path("projects/<int:project_id>/members/<int:membership_id>/", api.MembershipDetailView.as_view(), name="membership-detail"),
+]
