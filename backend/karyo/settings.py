@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "backend.projects",
     "backend.images",
@@ -106,6 +107,8 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     }
     if _db["NAME"] and _db["NAME"] != ":memory:":
         Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    # A file, not :memory:, so that worker processes started by tests share the test database.
+    _db["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -226,6 +229,10 @@ SPECTACULAR_SETTINGS = {
     "VERSION": KARYO_VERSION,
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # Served from our own static files: the docs page must work without internet access.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -53,6 +53,7 @@ class ProjectListView(generics.ListCreateAPIView):
 
 class ProjectDetailView(generics.RetrieveUpdateAPIView):
     serializer_class = ProjectSerializer
+    http_method_names = ["get", "patch", "head", "options"]
 
     def get_object(self):
         return project_for(user=self.request.user, project_id=self.kwargs["project_id"], minimum=method_role(self.request))

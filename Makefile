@@ -1,0 +1,36 @@
+# Karyo: `make run` starts the platform on the embedded default; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+TEST_VAR := $(CURDIR)/var/test
+SERVICES_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
+SERVICES_REDIS_URL ?= redis://127.0.0.1:6379/15
+PYTEST_ARGS ?=
+
+.PHONY: run test test-embedded test-services setup migrate demo worker web clean-var schema
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@command -v $(PYTHON) >/dev/null || PYTHON=python3; test -d $(VENV) || $${PYTHON:-python3} -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	@$(PY) -m backend.karyo.runner
+
+test: setup
+	@rm -rf $(TEST_VAR)
+	KARYO_VAR_DIR=$(TEST_VAR) $(PY) -m pytest $(PYTEST_ARGS)
+ifeq ($(KARYO_TEST_SERVICES),1)
+	@echo "=== again on the real services: Postgres, Redis, S3 (KARYO_TEST_SERVICES=1) ==="
+	@rm -rf $(TEST_VAR)
+	KARYO_VAR_DIR=$(TEST_VAR) DATABASE_URL=$(SERVICES_DATABASE_URL) KARYO_REDIS_URL=$(SERVICES_REDIS_URL) \
+		$(PY) -m pytest tests/backend $(PYTEST_ARGS)
+endif
+
+schema: setup
+	$(PY) manage.py spectacular --validate --fail-on-warn --file var/schema.yml

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from backend.images.importing import import_folder
+from backend.projects.models import Membership, Project, Role
+from backend.projects.services import create_project
+from ml_worker import synth
+
+DEMOS = [
+    # name, kind, classes, images, labelled images
+    ("Demo: synthetic Pap smear", "pap", [{"id": 1, "name": "nucleus", "color": "#1f77b4"}], 8, 2),
+    ("Demo: synthetic H&E", "he", [{"id": 1, "name": "nucleus", "color": "#e6194b"}], 6, 2),
+]
+
+
+class Command(BaseCommand):
+    help = "Seed demo projects of synthetic tiles (some with ground-truth annotations); skips existing ones."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--size", type=int, default=512, help="synthetic image size (pixels)")
+
+    def handle(self, *args, size: int, **options):
+        admin = get_user_model().objects.filter(is_superuser=True).order_by("id").first()
+        for name, kind, classes, n_images, n_labelled in DEMOS:
+            if Project.objects.filter(name=name).exists():
+                self.stdout.write(f"demo project {name!r} exists")
+                continue
+            project = create_project(
+                name=name, created_by=admin, nucleus_classes=classes, tile_size=256, auto_retrain_threshold=4,
+                description=f"Synthetic {kind.upper()} tiles with exact instance masks, drawn by ml_worker.synth.",
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                labelled, unlabelled = Path(tmp) / "labelled", Path(tmp) / "unlabelled"
+                synth.write_dataset(labelled, n_labelled, kind=kind, size=size, seed=100)
+                synth.write_dataset(unlabelled, n_images - n_labelled, kind=kind, size=size, seed=200)
+                (unlabelled / "masks").rename(Path(tmp) / "held-out-masks")  # the queue must not see the truth
+                done = import_folder(project=project, root=labelled, author=admin)
+                rest = import_folder(project=project, root=unlabelled, author=admin)
+            for user in get_user_model().objects.filter(is_superuser=True).exclude(pk=getattr(admin, "pk", None)):
+                Membership.objects.get_or_create(user=user, project=project, defaults={"role": Role.ADMIN})
+            self.stdout.write(self.style.SUCCESS(
+                f"seeded {name!r}: {done.images + rest.images} images, {done.tiles + rest.tiles} tiles, "
+                f"{done.annotations} annotated"
+            ))

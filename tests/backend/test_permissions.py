@@ -1,0 +1,191 @@
+"""The permission matrix: every API URL pattern x every HTTP method x every kind of caller.
+
+A new endpoint (or a new method on one) without an entry in MATRIX fails
+``test_every_api_endpoint_has_a_matrix_entry``, so nobody can add an unchecked endpoint.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from backend.images.models import Tile
+from backend.images.services import create_annotation
+from backend.projects.models import Membership, Role
+from tests.backend.conftest import client_for
+from tests.backend.factories import disc_labels, label_png, rgb_png
+
+pytestmark = pytest.mark.django_db
+
+CALLERS = ["anonymous", "outsider", "viewer", "annotator", "reviewer", "admin"]
+RANK = {"viewer": 0, "annotator": 1, "reviewer": 2, "admin": 3}
+_counter = itertools.count()
+
+
+@dataclass
+class Rule:
+    """``minimum``: the lowest project role that succeeds (None: any authenticated user,
+    "public": anyone, "staff": platform staff only). ``make(ctx)`` -> (url kwargs, body)."""
+
+    minimum: str | None
+    success: int
+    make: Callable[[dict], tuple[dict, dict | None]]
+    scoped: bool = True  # project-scoped: outsiders get 404
+
+
+def project_kwargs(ctx):
+    return {"project_id": ctx["project"].pk}, None
+
+
+def tile_kwargs(ctx):
+    return {"tile_id": ctx["tile"].pk}, None
+
+
+def annotation_kwargs(ctx):
+    return {"annotation_id": ctx["annotation"].pk}, None
+
+
+def new_upload(ctx):
+    return {"project_id": ctx["project"].pk}, {"file": SimpleUploadedFile("x.png", rgb_png(64, 64, seed=1000 + next(_counter)))}
+
+
+def new_member(ctx):
+    user = get_user_model().objects.create_user(username=f"new{next(_counter)}", password="pw-for-tests-123")
+    return {"project_id": ctx["project"].pk}, {"username": user.username, "role": "viewer"}
+
+
+def fresh_membership(body):
+    def make(ctx):
+        user = get_user_model().objects.create_user(username=f"m{next(_counter)}", password="pw-for-tests-123")
+        membership = Membership.objects.create(user=user, project=ctx["project"], role=Role.VIEWER)
+        return {"project_id": ctx["project"].pk, "membership_id": membership.pk}, body
+
+    return make
+
+
+def new_mask(ctx):
+    return {"tile_id": ctx["tile"].pk}, {"mask": SimpleUploadedFile("m.png", label_png(disc_labels()))}
+
+
+def fresh_submitted_annotation(ctx):
+    annotation, _ = create_annotation(tile=ctx["tile"], instances=disc_labels().astype(np.int32), author=None)
+    return {"annotation_id": annotation.pk}, {"decision": "accept", "comment": "ok"}
+
+
+MATRIX: dict[str, dict[str, Rule]] = {
+    "schema": {"get": Rule("public", 200, lambda ctx: ({}, None), scoped=False)},
+    "docs": {"get": Rule("public", 200, lambda ctx: ({}, None), scoped=False)},
+    "auth-token": {"post": Rule("public", 400, lambda ctx: ({}, {"username": "nobody", "password": "wrong"}), scoped=False)},
+    "me": {"get": Rule(None, 200, lambda ctx: ({}, None), scoped=False)},
+    "project-list": {
+        "get": Rule(None, 200, lambda ctx: ({}, None), scoped=False),
+        "post": Rule("staff", 201, lambda ctx: ({}, {"name": f"P{next(_counter)}", "tile_size": 128}), scoped=False),
+    },
+    "project-detail": {
+        "get": Rule("viewer", 200, project_kwargs),
+        "patch": Rule("admin", 200, lambda ctx: ({"project_id": ctx["project"].pk}, {"description": "updated"})),
+    },
+    "membership-list": {"get": Rule("viewer", 200, project_kwargs), "post": Rule("admin", 201, new_member)},
+    "membership-detail": {
+        "patch": Rule("admin", 200, fresh_membership({"role": "annotator"})),
+        "delete": Rule("admin", 204, fresh_membership(None)),
+    },
+    "image-list": {"get": Rule("viewer", 200, project_kwargs), "post": Rule("admin", 201, new_upload)},
+    "image-detail": {"get": Rule("viewer", 200, lambda ctx: ({"image_id": ctx["tile"].image_id}, None))},
+    "tile-list": {"get": Rule("viewer", 200, project_kwargs)},
+    "tile-detail": {"get": Rule("viewer", 200, tile_kwargs)},
+    "tile-image": {"get": Rule("viewer", 200, tile_kwargs)},
+    "tile-overlay": {"get": Rule("viewer", 200, tile_kwargs)},
+    "annotation-list": {"get": Rule("viewer", 200, tile_kwargs), "post": Rule("annotator", 201, new_mask)},
+    "annotation-detail": {"get": Rule("viewer", 200, annotation_kwargs)},
+    "annotation-mask": {"get": Rule("viewer", 200, annotation_kwargs)},
+    "annotation-review": {"post": Rule("reviewer", 200, fresh_submitted_annotation)},
+    "model-version-list": {"get": Rule("viewer", 200, project_kwargs)},
+    "training-run-list": {"get": Rule("viewer", 200, project_kwargs)},
+}
+
+
+def api_endpoints() -> list[tuple[str, str, list[str]]]:
+    """(name, route, methods) for every named URL pattern under /api/."""
+    found = []
+
+    def walk(patterns, prefix: str) -> None:
+        for entry in patterns:
+            if isinstance(entry, URLResolver):
+                walk(entry.url_patterns, prefix + str(entry.pattern))
+            elif isinstance(entry, URLPattern):
+                route = prefix + str(entry.pattern)
+                if not route.startswith("api/"):
+                    continue
+                view = getattr(entry.callback, "view_class", None) or getattr(entry.callback, "cls", None)
+                if view is not None:
+                    allowed = [m for m in view.http_method_names if m not in ("head", "options") and hasattr(view, m)]
+                else:  # function views decorated with @api_view
+                    allowed = [m.lower() for m in getattr(entry.callback, "actions", {}) or ["post"]]
+                found.append((entry.name, route, allowed))
+
+    walk(get_resolver().url_patterns, "")
+    return found
+
+
+def test_every_api_endpoint_has_a_matrix_entry():
+    missing = [
+        f"{method.upper()} /{route} ({name})"
+        for name, route, methods in api_endpoints()
+        for method in methods
+        if method not in MATRIX.get(name, {})
+    ]
+    assert not missing, "add these to the permission MATRIX: " + ", ".join(missing)
+    assert len(api_endpoints()) >= 20
+
+
+def expected_status(rule: Rule, caller: str) -> int:
+    if rule.minimum == "public":
+        return rule.success
+    if caller == "anonymous":
+        return 401
+    if rule.minimum is None:
+        return rule.success
+    if rule.minimum == "staff":
+        return 403
+    if caller == "outsider":
+        return 404 if rule.scoped else 403
+    return rule.success if RANK[caller] >= RANK[rule.minimum] else 403
+
+
+@pytest.fixture
+def ctx(team, api):
+    response = api("admin").post(
+        f"/api/projects/{team['project'].pk}/images/", {"file": SimpleUploadedFile("t.png", rgb_png(64, 64))}, format="multipart"
+    )
+    assert response.status_code == 201
+    tile = Tile.objects.get()
+    annotation, _ = create_annotation(tile=tile, instances=disc_labels().astype(np.int32), author=team["users"]["annotator"])
+    return {"project": team["project"], "tile": tile, "annotation": annotation, "users": team["users"]}
+
+
+@pytest.mark.parametrize("name,method", [(n, m) for n, rules in MATRIX.items() for m in rules])
+def test_the_permission_matrix(ctx, name, method):
+    from django.urls import reverse
+
+    rule = MATRIX[name][method]
+    failures = []
+    for caller in CALLERS + (["staff"] if rule.minimum == "staff" else []):
+        kwargs, body = rule.make(ctx)
+        url = reverse(name, kwargs=kwargs)
+        user = None if caller == "anonymous" else ctx["users"][caller]
+        client = client_for(user)
+        multipart = body is not None and any(isinstance(v, SimpleUploadedFile) for v in body.values())
+        response = getattr(client, method)(url, body, format="multipart" if multipart else "json")
+        want = 201 if caller == "staff" else expected_status(rule, caller)
+        if response.status_code != want:
+            failures.append(f"{caller}: {method.upper()} {url} -> {response.status_code}, expected {want}")
+        elif response.status_code >= 400 and response["Content-Type"].startswith("application/json"):
+            assert "error" in response.json() and response.json()["error"]["message"]
+    assert not failures, "\n".join(failures)
