@@ -1,0 +1,514 @@
+"""Image / mask IO, the common on-disk layout, preprocessing and training patches.
+
+Common layout (docs/ml_worker.md)::
+
+    DIR/images/NAME.png   RGB (PNG / JPEG / TIFF / BMP accepted)
+    DIR/masks/NAME.png    16-bit instance labels, 0 = background, 1..N = nuclei
+                          (PNG / TIFF / .npy accepted)
+
+Everything that can go wrong with user data raises :class:`DataError` with a one-line
+message naming the file, so the caller (CLI, web job) can show it as is.
+
+:func:`preprocess` is the single image -> tensor-array conversion, shared by
+:class:`PatchDataset` (training) and ``ml_worker.inference`` (prediction), so the model sees
+identically normalised inputs in both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ml_worker.augment import AugmentConfig, Augmenter
+from ml_worker.stain import StainNormalizer, zscore
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DataError",
+    "IMAGE_EXTS",
+    "MASK_EXTS",
+    "read_image",
+    "read_mask",
+    "write_mask",
+    "Sample",
+    "load_folder",
+    "split_by_image",
+    "preprocess",
+    "tile_grid",
+    "PatchDataset",
+]
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MASK_EXTS = (".png", ".tif", ".tiff", ".npy")
+_TIFF_EXTS = (".tif", ".tiff")
+
+
+class DataError(Exception):
+    """User data problem (missing file, unreadable image, size mismatch, ...)."""
+
+
+# ----------------------------------------------------------------------------- IO
+
+
+def _to_rgb_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Any decoded array -> (H, W, 3) uint8."""
+    arr = np.asarray(arr)
+    if arr.ndim == 4:  # multi-page / z-stack TIFF: first plane
+        arr = arr[0]
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4) and arr.shape[0] in (1, 2, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # channel-first TIFF
+    if arr.ndim == 3:
+        nc = arr.shape[-1]
+        if nc in (1, 2):  # gray or gray + alpha
+            arr = arr[..., 0]
+        elif nc == 4:  # drop alpha
+            arr = arr[..., :3]
+        elif nc != 3:
+            raise DataError(f"{path}: unsupported image with {nc} channels")
+    elif arr.ndim != 2:
+        raise DataError(f"{path}: unsupported image shape {arr.shape}")
+
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype == np.uint16:
+        arr = np.round(arr.astype(np.float32) / 257.0).astype(np.uint8)  # 65535 -> 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        a = np.nan_to_num(arr.astype(np.float32))
+        if a.size and float(a.max()) <= 1.0:
+            a = a * 255.0
+        arr = np.clip(a, 0, 255).round().astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        a = arr.astype(np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if top > 65535:
+            a = a * (255.0 / top)
+        elif top > 255:
+            a = a / 257.0
+        arr = np.clip(a, 0, 255).round().astype(np.uint8)
+
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"{path}: empty image")
+    return np.ascontiguousarray(arr)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """Decode an image file to a numpy array without changing its dtype."""
+    suffix = path.suffix.lower()
+    if suffix in _TIFF_EXTS:
+        import tifffile
+
+        return tifffile.imread(str(path))
+    if suffix == ".npy":
+        return np.load(str(path), allow_pickle=False)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        mode = im.mode
+        if mode in ("RGB", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "RGBA", "LA"):
+            return np.array(im)
+        if mode == "1":
+            return np.array(im.convert("L"))
+        if mode == "P":
+            return np.array(im.convert("RGBA" if "transparency" in im.info else "RGB"))
+        return np.array(im.convert("RGB"))  # CMYK, YCbCr, LAB, ...
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an RGB image.
+
+    PNG / JPEG / BMP via Pillow, TIFF via tifffile. Grayscale is replicated to 3 channels,
+    alpha is dropped, 16-bit is scaled to 8-bit (``/ 257``), floats in [0, 1] are scaled
+    by 255.
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        DataError: missing or undecodable file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"image not found: {p}")
+    try:
+        arr = _read_array(p)
+    except DataError:
+        raise
+    except Exception as e:  # decoder errors are many and library specific
+        raise DataError(f"cannot read image {p}: {e}") from e
+    return _to_rgb_uint8(arr, p)
+
+
+def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an instance mask (16-bit PNG, TIFF or .npy).
+
+    An RGB(A) mask whose channels are equal is accepted (its first channel is used); a
+    real colour-coded mask is rejected because its colours are not instance ids.
+
+    Returns:
+        (H, W) int32, 0 = background.
+
+    Raises:
+        DataError: missing / undecodable file, colour or negative labels.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"mask not found: {p}")
+    try:
+        arr = np.asarray(_read_array(p))
+    except Exception as e:
+        raise DataError(f"cannot read mask {p}: {e}") from e
+    if arr.ndim == 3:
+        if arr.shape[-1] == 4:
+            arr = arr[..., :3]
+        if arr.shape[-1] == 1 or np.all(arr == arr[..., :1]):
+            arr = arr[..., 0]
+        else:
+            raise DataError(f"{p}: mask has colour channels; expected one label per pixel")
+    if arr.ndim != 2:
+        raise DataError(f"{p}: mask must be 2-D, got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise DataError(f"{p}: mask has non-integer values")
+    if arr.size and arr.min() < 0:
+        raise DataError(f"{p}: mask has negative labels")
+    if arr.size and arr.max() > np.iinfo(np.int32).max:
+        raise DataError(f"{p}: mask labels exceed int32")
+    return arr.astype(np.int32)
+
+
+def write_mask(path: str | os.PathLike[str], inst: np.ndarray) -> None:
+    """Write an instance map as a 16-bit grayscale PNG, atomically.
+
+    The file is written to a temporary name in the same folder and renamed into place, so
+    a reader (or a crash) never sees a half-written mask.
+
+    Args:
+        path: destination (``.png``).
+        inst: (H, W) non-negative integer labels, max 65535.
+    """
+    from PIL import Image
+
+    p = Path(path)
+    a = np.asarray(inst)
+    if a.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise ValueError("mask labels must be in 0..65535 for a 16-bit PNG")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=".png.tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(a.astype(np.uint16)).save(f, format="PNG")
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ------------------------------------------------------------------------ datasets
+
+
+@dataclass
+class Sample:
+    """One annotated image.
+
+    Attributes:
+        name: file stem (unique within a dataset).
+        image: (H, W, 3) uint8 RGB.
+        instances: (H, W) int32 instance labels, 0 = background.
+    """
+
+    name: str
+    image: np.ndarray
+    instances: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+
+def _index_files(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.suffix.lower() not in exts:
+            continue
+        if f.stem in out:
+            raise DataError(f"two files named {f.stem!r} in {folder}: {out[f.stem].name}, {f.name}")
+        out[f.stem] = f
+    return out
+
+
+def load_folder(root: str | os.PathLike[str]) -> list[Sample]:
+    """Load every image of a common-layout dataset with its mask, sorted by name.
+
+    Raises:
+        DataError: missing folder, no images, an image without a mask, unreadable file,
+            image / mask size mismatch.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    img_dir, mask_dir = root / "images", root / "masks"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise DataError(
+                f"{root} has no {d.name}/ folder (expected DIR/images/NAME.png and "
+                f"DIR/masks/NAME.png)"
+            )
+    images = _index_files(img_dir, IMAGE_EXTS)
+    if not images:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in {img_dir}")
+    masks = _index_files(mask_dir, MASK_EXTS)
+    missing = [n for n in images if n not in masks]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise DataError(
+            f"{len(missing)} image(s) without a mask in {mask_dir}: "
+            f"{', '.join(missing[:3])}{more}"
+        )
+    samples = []
+    for name, ipath in images.items():
+        image = read_image(ipath)
+        inst = read_mask(masks[name])
+        if image.shape[:2] != inst.shape:
+            raise DataError(
+                f"{name}: image is {image.shape[0]}x{image.shape[1]} but mask is "
+                f"{inst.shape[0]}x{inst.shape[1]} (HxW)"
+            )
+        samples.append(Sample(name, image, inst))
+    return samples
+
+
+def split_by_image(
+    samples: Sequence[Sample], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """Random train / validation split at image level (no patch leaks across the split).
+
+    At least one image goes to each side when there are two or more images and
+    ``val_fraction > 0``; with a single image (or fraction 0) validation is empty.
+    Both lists keep the input order.
+
+    Returns:
+        (train, val).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n = len(samples)
+    if n < 2 or val_fraction == 0:
+        return list(samples), []
+    n_val = min(n - 1, max(1, int(round(val_fraction * n))))
+    perm = np.random.default_rng(seed).permutation(n)
+    val_idx = set(perm[:n_val].tolist())
+    train = [s for i, s in enumerate(samples) if i not in val_idx]
+    val = [s for i, s in enumerate(samples) if i in val_idx]
+    return train, val
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def preprocess(image: np.ndarray, normalizer: StainNormalizer | None = None) -> np.ndarray:
+    """The model input for an image: optional stain normalisation, then per-channel z-score.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        normalizer: fitted stain normaliser, or None.
+
+    Returns:
+        (3, H, W) float32, C-contiguous.
+    """
+    if normalizer is not None:
+        image = normalizer.transform(image)
+    return np.ascontiguousarray(zscore(image).transpose(2, 0, 1))
+
+
+def _axis_starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)  # last tile flush with the end: no partial tiles
+    return starts
+
+
+def tile_grid(
+    height: int, width: int, tile: int | tuple[int, int], overlap: int | tuple[int, int] = 0
+) -> list[tuple[int, int]]:
+    """Top-left corners of tiles covering an image.
+
+    Tiles advance by ``tile - overlap``; the last tile of each row / column is aligned to
+    the image end (it overlaps its neighbour more) so every tile is full-size when the
+    image is at least one tile large. A side shorter than the tile gets a single start 0
+    (the caller pads).
+
+    Returns:
+        list of (y, x), row-major.
+    """
+    th, tw = (tile, tile) if isinstance(tile, int) else tile
+    oh, ow = (overlap, overlap) if isinstance(overlap, int) else overlap
+    if th <= 0 or tw <= 0:
+        raise ValueError("tile size must be positive")
+    if not (0 <= oh < th and 0 <= ow < tw):
+        raise ValueError(f"overlap {overlap} must be in [0, tile) for tile {tile}")
+    ys = _axis_starts(height, th, th - oh)
+    xs = _axis_starts(width, tw, tw - ow)
+    return [(y, x) for y in ys for x in xs]
+
+
+def _crop_padded(arr: np.ndarray, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """arr[y:y+h, x:x+w] where the window may leave the array: outside is mirrored."""
+    H, W = arr.shape[:2]
+    y0, y1 = max(y, 0), min(y + h, H)
+    x0, x1 = max(x, 0), min(x + w, W)
+    crop = arr[y0:y1, x0:x1]
+    pads = ((y0 - y, y + h - y1), (x0 - x, x + w - x1))
+    if any(p for pair in pads for p in pair):
+        pads = pads + ((0, 0),) * (arr.ndim - 2)
+        # 'symmetric' (edge pixel repeated) works for any pad width, even on 1-pixel crops.
+        crop = np.pad(crop, pads, mode="symmetric")
+    return crop
+
+
+def _define_patch_dataset() -> type:
+    # torch is imported only when PatchDataset is first used, so the IO half of this
+    # module (read/validate/write) stays usable by torch-free processes (web app).
+    import torch
+    from torch.utils.data import Dataset
+
+    class PatchDataset(Dataset):
+        """Random training patches of fixed size from whole images.
+
+        Each item picks an image (probability proportional to its area), a random tile
+        position (tiles may hang over the border of images smaller than the tile; the outside
+        is mirrored), crops the tile plus the context the augmenter's warps need, augments,
+        and preprocesses with :func:`preprocess`.
+
+        Randomness comes from ``np.random.default_rng((seed, epoch, index))``: items are
+        reproducible and independent of DataLoader worker scheduling. Call :meth:`set_epoch`
+        each epoch to get new patches.
+
+        Args:
+            samples: images with instance maps.
+            tile_size: patch side in pixels.
+            augment: :class:`Augmenter`, config / dict / preset name for one, or None (no
+                augmentation).
+            normalizer: fitted stain normaliser applied once per image at construction.
+            length: items per epoch; default: number of tiles needed to cover all images.
+            seed: base seed.
+            foreground_bias: probability of centring a patch on a random nucleus pixel instead
+                of a uniform position (useful for sparse Pap smears).
+
+        Items are dicts:
+            ``image`` (3, T, T) float32, ``mask`` (T, T) int64 semantic (1 = nucleus),
+            ``instances`` (T, T) int64 instance ids.
+        """
+
+        def __init__(
+            self,
+            samples: Sequence[Sample],
+            tile_size: int = 256,
+            augment: Augmenter | AugmentConfig | dict[str, Any] | str | None = None,
+            normalizer: StainNormalizer | None = None,
+            length: int | None = None,
+            seed: int = 0,
+            foreground_bias: float = 0.0,
+        ) -> None:
+            if not samples:
+                raise DataError("PatchDataset needs at least one sample")
+            self.samples = list(samples)
+            self.tile_size = int(tile_size)
+            if augment is None:
+                self.augmenter: Augmenter | None = None
+            elif isinstance(augment, Augmenter):
+                self.augmenter = augment
+            else:
+                self.augmenter = Augmenter(augment, seed=seed)
+            self.normalizer = normalizer
+            self.images = [
+                s.image if normalizer is None else normalizer.transform(s.image) for s in self.samples
+            ]
+            areas = np.array([s.image.shape[0] * s.image.shape[1] for s in self.samples], float)
+            self.weights = areas / areas.sum()
+            t = self.tile_size
+            self.length = int(length) if length else int(
+                sum(math.ceil(s.shape[0] / t) * math.ceil(s.shape[1] / t) for s in self.samples)
+            )
+            self.seed = int(seed)
+            self.epoch = 0
+            self.foreground_bias = float(foreground_bias)
+            self._fg: list[np.ndarray] | None = None
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __len__(self) -> int:
+            return self.length
+
+        def _foreground_coords(self, i: int) -> np.ndarray:
+            if self._fg is None:
+                fg = []
+                for s in self.samples:
+                    idx = np.flatnonzero(s.instances.ravel() > 0)
+                    if idx.size > 20000:  # a subsample is plenty to pick centres from
+                        idx = idx[:: idx.size // 20000 + 1]
+                    fg.append(idx)
+                self._fg = fg
+            return self._fg[i]
+
+        def __getitem__(self, index: int) -> dict[str, "torch.Tensor"]:
+            if not 0 <= index < self.length:
+                raise IndexError(index)
+            rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+            i = int(rng.choice(len(self.samples), p=self.weights))
+            image, inst = self.images[i], self.samples[i].instances
+            H, W = inst.shape
+            t = self.tile_size
+            fg = self._foreground_coords(i) if self.foreground_bias > 0 else None
+            if fg is not None and fg.size and rng.random() < self.foreground_bias:
+                cy, cx = divmod(int(fg[rng.integers(fg.size)]), W)
+                y = int(np.clip(cy - t // 2 + rng.integers(-t // 4, t // 4 + 1), min(0, H - t), max(0, H - t)))
+                x = int(np.clip(cx - t // 2 + rng.integers(-t // 4, t // 4 + 1), min(0, W - t), max(0, W - t)))
+            else:
+                # Images smaller than the tile get a random offset inside the padded window.
+                y = int(rng.integers(min(0, H - t), max(0, H - t) + 1))
+                x = int(rng.integers(min(0, W - t), max(0, W - t) + 1))
+            m = self.augmenter.context(t) if self.augmenter is not None else 0
+            img = _crop_padded(image, y - m, x - m, t + 2 * m, t + 2 * m)
+            ins = _crop_padded(inst, y - m, x - m, t + 2 * m, t + 2 * m)
+            if self.augmenter is not None:
+                img, ins = self.augmenter(img, ins, rng=rng, out_shape=(t, t))
+            x_arr = preprocess(img)
+            ins_t = torch.from_numpy(np.ascontiguousarray(ins, dtype=np.int64))
+            return {
+                "image": torch.from_numpy(x_arr),
+                "mask": (ins_t > 0).long(),
+                "instances": ins_t,
+            }
+
+    # Picklable by reference (DataLoader workers with the "spawn" start method): pickle
+    # looks up ml_worker.data.PatchDataset, which resolves through __getattr__ below.
+    PatchDataset.__qualname__ = "PatchDataset"
+    PatchDataset.__module__ = __name__
+    return PatchDataset
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PatchDataset":
+        cls = _define_patch_dataset()
+        globals()["PatchDataset"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
