@@ -1,5 +1,7 @@
 """Import a folder in the common layout (``images/NAME.png`` + ``masks/NAME.png``) into a project.
 
+Without a ``masks/`` folder the images are imported unlabelled (they join the annotation queue).
+
 Every file is decoded and checked before anything is written; the error lists every
 offending file, so one run tells the admin everything to fix.
 """
@@ -46,6 +48,11 @@ def import_folder(
             image = decode_image(path.name, path.read_bytes())
             mask_path = masks_by_stem.get(path.stem)
             mask = None
+            if mask_path is None and mask_dir.is_dir():
+                # With a masks/ folder every image must have its mask: a silent gap would look
+                # like an image with no nuclei and poison training.
+                problems.append(f"images/{path.name} has no mask (expected masks/{path.stem}.png)")
+                continue
             if mask_path is not None:
                 mask = decode_mask(mask_path.name, mask_path.read_bytes(), width=image.width, height=image.height)
             decoded.append(image)

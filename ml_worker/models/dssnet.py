@@ -1,0 +1,197 @@
+"""DSSNet: fast nucleus segmentation with supervised down-sampling.
+
+Karyo's pre-annotation model: almost all computation happens at 1/8 resolution, so it is
+several times faster than the U-Net while auxiliary heads (used only in training) keep the
+compressed representation informative.
+
+* **Supervised down-sampling (SDS)**: a 3×3 conv to ``width`` (30) maps at full
+  resolution, then three rounds of two parallel branches — 2×2 max-pool and strided convs
+  (3×3 stride 2 + 3×3) — concatenated and reduced by a 1×1 conv back to ``width`` maps:
+  30 compressed maps at 1/8 size.
+* **Super-resolution head** (training only): convs, residual blocks and a ×8 pixel
+  shuffle reconstruct the input image from the 1/8 maps; trained with SSIM, it forces the
+  compressed maps to keep the image content.
+* **Feature extractor**: ``num_blocks`` (10) W-NECK residual blocks at 1/8 — 1×1 expand,
+  parallel 1×1 and 3×3, concat, 1×1 squeeze, identity skip — no further down-sampling.
+* **Feature fusion + up-sampling**: the extractor output is fused with the SDS maps at
+  1/8, then up-sampled ×2 three times, each time fused with the SDS map of that scale.
+* **Edge head** (training only): predicts nucleus contours from the full-resolution fused
+  features (L1 loss), supervising the up-sampling path.
+* **Segmentation head**: two convs → class logits (CE).
+
+Loss = seg (CE by default) + 0.25·(1 - SSIM) + 0.4·edge-L1.
+
+Shapes for input (B, C, H, W), width s=30, feature width f, decoder width d:
+    s0 (B, s, H, W) → s1 (B, s, H/2, W/2) → s2 (B, s, H/4, W/4) → s3 (B, s, H/8, W/8)
+    extractor: (B, f, H/8, W/8); fusion: (B, d, H/8) → (B, d, H/4) → (B, d, H/2) → (B, d, H)
+    seg (B, K, H, W); sr (B, C, H, W); edge (B, 1, H, W)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register
+from .base import KaryoModel
+from .blocks import ConvBNAct, ResidualBlock, make_act
+
+
+class DownRound(nn.Module):
+    """One supervised down-sampling round. (B, c, H, W) → (B, c, H/2, W/2).
+
+    Max-pooling keeps the strongest responses cheaply; the strided convs learn what pooling
+    throws away; a 1×1 conv mixes and reduces the concatenation back to c maps.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(2)
+        self.conv = nn.Sequential(ConvBNAct(channels, channels, 3, stride=2), ConvBNAct(channels, channels, 3))
+        self.reduce = ConvBNAct(2 * channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(torch.cat([self.pool(x), self.conv(x)], dim=1))
+
+
+class WNeck(nn.Module):
+    """Wide-bottleneck residual block (W-NECK). (B, c, H, W) → (B, c, H, W).
+
+    1×1 expand c→e, parallel 1×1 (e→e) and 3×3 (e→e), concat (2e), 1×1 squeeze 2e→c,
+    identity skip.
+    """
+
+    def __init__(self, channels: int, expand: int) -> None:
+        super().__init__()
+        self.expand = ConvBNAct(channels, expand, 1)
+        self.branch1 = ConvBNAct(expand, expand, 1)
+        self.branch3 = ConvBNAct(expand, expand, 3)
+        self.squeeze = ConvBNAct(2 * expand, channels, 1, act=None)
+        self.act = make_act("relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.expand(x)  # (B, e, H, W)
+        y = self.squeeze(torch.cat([self.branch1(e), self.branch3(e)], dim=1))  # (B, c, H, W)
+        return self.act(x + y)
+
+
+class FusionStep(nn.Module):
+    """Up-sample to the skip's size (bilinear, ×2; a no-op at 1/8) and fuse with an SDS map
+    by a conv over the concatenation.
+
+    (B, d_in, h, w) + skip (B, s, 2h, 2w) → (B, d, 2h, 2w).
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, kernel: int = 3) -> None:
+        super().__init__()
+        self.conv = ConvBNAct(in_channels + skip_channels, out_channels, kernel)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != skip.shape[-2:]:
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.conv(torch.cat([x, skip], dim=1))
+
+
+@register("dssnet")
+class DSSNet(KaryoModel):
+    """DSSNet; see module docstring. ``forward`` is the fast inference path (no SR/edge)."""
+
+    default_loss = "ce"
+    size_divisor = 8
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        width: int = 30,
+        feature_channels: int = 64,
+        expand_channels: int = 104,
+        num_blocks: int = 10,
+        decoder_channels: int = 32,
+        sr_channels: int = 32,
+        sr_blocks: int = 2,
+        ssim_weight: float = 0.25,
+        edge_weight: float = 0.4,
+    ) -> None:
+        super().__init__(in_channels, num_classes)
+        s, f, d = width, feature_channels, decoder_channels
+        self.ssim_weight = ssim_weight
+        self.edge_weight = edge_weight
+
+        # --- supervised down-sampling
+        self.sds_in = ConvBNAct(in_channels, s, 3)
+        self.sds = nn.ModuleList([DownRound(s) for _ in range(3)])
+        # --- super-resolution head (training only)
+        self.sr_head = nn.Sequential(
+            ConvBNAct(s, sr_channels, 3),
+            *[ResidualBlock(sr_channels) for _ in range(sr_blocks)],
+            nn.Conv2d(sr_channels, in_channels * 64, 3, padding=1),
+            nn.PixelShuffle(8),  # (B, C·64, H/8, W/8) → (B, C, H, W)
+        )
+        # --- feature extractor at 1/8
+        self.extract_in = ConvBNAct(s, f, 1)
+        self.extractor = nn.Sequential(*[WNeck(f, expand_channels) for _ in range(num_blocks)])
+        # --- fusion + up-sampling (1/8 → 1/4 → 1/2 → 1)
+        self.fuse8 = FusionStep(f, s, d, kernel=1)
+        self.fuse4 = FusionStep(d, s, d)
+        self.fuse2 = FusionStep(d, s, d)
+        self.fuse1 = FusionStep(d, s, d)
+        # --- heads
+        self.edge_head = nn.Sequential(ConvBNAct(d, d // 2, 3), nn.Conv2d(d // 2, 1, 1))
+        self.seg_head = nn.Sequential(ConvBNAct(d, d, 3), nn.Conv2d(d, num_classes, 1))
+        self.embed_dim = f
+
+    def _down(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.check_input(x)
+        maps = [self.sds_in(x)]  # (B, s, H, W)
+        for rnd in self.sds:
+            maps.append(rnd(maps[-1]))  # (B, s, H/2^r, W/2^r)
+        return maps
+
+    def _decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        feat = self.extractor(self.extract_in(maps[3]))  # (B, f, H/8, W/8)
+        y = self.fuse8(feat, maps[3])  # (B, d, H/8, W/8)
+        y = self.fuse4(y, maps[2])  # (B, d, H/4, W/4)
+        y = self.fuse2(y, maps[1])  # (B, d, H/2, W/2)
+        return self.fuse1(y, maps[0])  # (B, d, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seg_head(self._decode(self._down(x)))  # (B, K, H, W)
+
+    def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        maps = self._down(x)
+        y = self._decode(maps)
+        return {
+            "seg": self.seg_head(y),  # (B, K, H, W)
+            "sr": self.sr_head(maps[3]),  # (B, C, H, W) reconstruction of x
+            "edge": self.edge_head(y),  # (B, 1, H, W) contour logits
+        }
+
+    def compute_loss(
+        self,
+        outputs: Mapping[str, torch.Tensor],
+        batch: Mapping[str, torch.Tensor],
+        loss_name: str | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """seg + 0.25·SSIM loss (when ``"sr"`` present) + 0.4·edge L1 (when ``"edge"``
+        present). Outputs of plain ``forward`` (only ``"seg"``) give the seg loss alone."""
+        from ml_worker.losses import edge_l1_loss, instance_contours, ssim_loss
+
+        loss, parts = super().compute_loss(outputs, batch, loss_name)
+        if "sr" in outputs:
+            sr = ssim_loss(outputs["sr"], batch["image"].to(outputs["sr"].dtype))
+            loss = loss + self.ssim_weight * sr
+            parts["ssim"] = float(sr.detach())
+        if "edge" in outputs:
+            contours = instance_contours(batch["instances"])  # (B, H, W) {0, 1}
+            edge = edge_l1_loss(outputs["edge"], contours.to(outputs["edge"].device))
+            loss = loss + self.edge_weight * edge
+            parts["edge"] = float(edge.detach())
+        parts["loss"] = float(loss.detach())
+        return loss, parts
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extractor(self.extract_in(self._down(x)[3]))  # (B, f, H/8, W/8)

@@ -1,0 +1,130 @@
+"""Multi-head U-Net: Inception + Squeeze-and-Excitation decoder, three sigmoid outputs.
+
+Separating touching nuclei is the hard part of nucleus instance segmentation; instead of
+post-hoc splitting of a foreground mask, this model predicts three **independent sigmoid
+channels** (``out_channels`` is always 3, whatever ``num_classes`` is — it has no class
+channels; ``num_classes`` is accepted for the common constructor signature only):
+
+    0 nucleus      — the whole nucleus mask
+    1 borderless   — nuclei shrunk by ``target_radius`` px (separated cores)
+    2 borders      — pixels where the dilations of two different nuclei meet
+
+Targets are derived from the instance maps in torch (``losses.multihead_targets``); the
+loss is BCE + soft Dice per channel; instances come from a marker watershed on the nucleus
+channel with markers = borderless − borders (``instances.multihead_to_instances``).
+
+Encoder: U-Net DoubleConv levels (``width·2^i`` channels, ``depth`` max-pool levels).
+Decoder block: transposed-conv ×2, concat skip, then an Inception-like block — parallel
+1×1, 3×3 and 3×3-dilation-2 (5×5 receptive field) branches, concatenated, fused by 1×1,
+re-weighted by SE, plus a 1×1 projected residual.
+
+Shapes for input (B, C, H, W): level i (B, w·2^i, H/2^i, W/2^i); output (B, 3, H, W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import register
+from .base import KaryoModel
+from .blocks import ConvBNAct, DoubleConv, SEBlock, make_act
+
+#: channel order of the multi-head output
+HEADS = ("nucleus", "borderless", "borders")
+
+
+class InceptionSEBlock(nn.Module):
+    """Parallel 1×1 / 3×3 / dilated 3×3 branches → concat → 1×1 fuse → SE, + residual.
+
+    (B, C_in, H, W) → (B, C_out, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        b = max(out_channels // 2, 1)
+        self.branches = nn.ModuleList(
+            [
+                ConvBNAct(in_channels, b, 1),
+                ConvBNAct(in_channels, b, 3),
+                ConvBNAct(in_channels, b, 3, dilation=2),  # 5×5 receptive field, 9 weights
+            ]
+        )
+        self.fuse = ConvBNAct(3 * b, out_channels, 1, act=None)
+        self.se = SEBlock(out_channels)
+        self.skip = ConvBNAct(in_channels, out_channels, 1, act=None)
+        self.act = make_act("relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fuse(torch.cat([br(x) for br in self.branches], dim=1))  # (B, C_out, H, W)
+        return self.act(self.se(y) + self.skip(x))
+
+
+@register("multihead_unet")
+class MultiHeadUNet(KaryoModel):
+    """Multi-head U-Net; see module docstring. ``out_channels`` == 3 always."""
+
+    default_loss = "bce_dice"
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        width: int = 32,
+        depth: int = 4,
+        target_radius: int = 2,
+    ) -> None:
+        super().__init__(in_channels, num_classes)
+        self.out_channels = len(HEADS)
+        self.depth = depth
+        self.size_divisor = 2**depth
+        self.target_radius = target_radius
+        ch = [width * 2**i for i in range(depth + 1)]
+        self.inc = DoubleConv(in_channels, ch[0])
+        self.pool = nn.MaxPool2d(2)
+        self.down = nn.ModuleList([DoubleConv(ch[i], ch[i + 1]) for i in range(depth)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(depth)])
+        self.dec = nn.ModuleList([InceptionSEBlock(2 * ch[i], ch[i]) for i in range(depth)])
+        self.head = nn.Conv2d(ch[0], self.out_channels, 1)
+        self.embed_dim = ch[-1]
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.check_input(x)
+        feats = [self.inc(x)]  # (B, w, H, W)
+        for down in self.down:
+            feats.append(down(self.pool(feats[-1])))  # (B, w·2^i, H/2^i, W/2^i)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self._encode(x)
+        d = feats[-1]
+        for i in reversed(range(self.depth)):
+            d = self.up[i](d)  # (B, w·2^i, H/2^i, W/2^i)
+            d = self.dec[i](torch.cat([d, feats[i]], dim=1))
+        return self.head(d)  # (B, 3, H, W) logits of nucleus / borderless / borders
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        return self._encode(x)[-1]
+
+    def loss_target(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B, 3, H, W) float targets [nucleus, borderless, borders] from ``instances``."""
+        from ml_worker.losses import multihead_targets
+
+        return multihead_targets(batch["instances"], self.target_radius)
+
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Independent sigmoids (the three maps overlap by construction)."""
+        return torch.sigmoid(logits)
+
+    def to_instances(self, probs: np.ndarray) -> np.ndarray:
+        """(3, H, W) sigmoid probabilities → int32 (H, W) by marker watershed."""
+        from ml_worker.instances import multihead_to_instances
+
+        probs = np.asarray(probs)
+        if probs.ndim != 3 or probs.shape[0] != 3:
+            raise ValueError(f"expected probs of shape (3, H, W), got {probs.shape}")
+        nucleus, borderless, borders = (probs[i].astype(np.float32) for i in range(3))
+        return np.asarray(multihead_to_instances(nucleus, borderless, borders), dtype=np.int32)
