@@ -1,6 +1,6 @@
 # Karyo: `make run` starts the platform on the embedded default; `make test` runs the tests.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 .PHONY: run test test-embedded test-services setup migrate demo worker web clean-var schema
 
 $(STAMP): requirements.txt requirements-dev.txt
-	@command -v $(PYTHON) >/dev/null || PYTHON=python3; test -d $(VENV) || $${PYTHON:-python3} -m venv $(VENV) || python3 -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Karyo needs Python 3.11 (set PYTHON=...)")'
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $(STAMP)
 

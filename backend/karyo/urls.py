@@ -14,3 +14,5 @@ urlpatterns = [
     path("api/", include("backend.images.urls")),
     path("api/", include("backend.ml.urls")),
 ]
+
+handler404 = "backend.karyo.views.not_found"

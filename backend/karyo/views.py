@@ -21,3 +21,14 @@ def index(request):
         image_count=Count("images", distinct=True), tile_count=Count("tiles", distinct=True)
     )
     return render(request, "index.html", {"projects": projects})
+
+
+def not_found(request, exception=None):
+    """JSON for API clients, plain text elsewhere (DEBUG=False page for unknown URLs)."""
+    from django.http import HttpResponseNotFound
+
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            {"error": {"code": "not_found", "message": f"no API endpoint at {request.path}", "details": None}}, status=404
+        )
+    return HttpResponseNotFound("Not found")

@@ -189,3 +189,9 @@ def test_the_permission_matrix(ctx, name, method):
         elif response.status_code >= 400 and response["Content-Type"].startswith("application/json"):
             assert "error" in response.json() and response.json()["error"]["message"]
     assert not failures, "\n".join(failures)
+
+
+def test_an_unknown_api_url_is_a_json_404(client):
+    response = client.get("/api/no-such-thing/")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
