@@ -25,12 +25,12 @@ run: setup
 
 test: setup
 	@rm -rf $(TEST_VAR)
-	KARYO_VAR_DIR=$(TEST_VAR) $(PY) -m pytest $(PYTEST_ARGS)
+	env -u KARYO_TEST_SERVICES -u DATABASE_URL -u KARYO_REDIS_URL KARYO_VAR_DIR=$(TEST_VAR) $(PY) -m pytest $(PYTEST_ARGS)
 ifeq ($(KARYO_TEST_SERVICES),1)
 	@echo "=== again on the real services: Postgres, Redis, S3 (KARYO_TEST_SERVICES=1) ==="
 	@rm -rf $(TEST_VAR)
-	KARYO_VAR_DIR=$(TEST_VAR) DATABASE_URL=$(SERVICES_DATABASE_URL) KARYO_REDIS_URL=$(SERVICES_REDIS_URL) \
-		$(PY) -m pytest tests/backend $(PYTEST_ARGS)
+	KARYO_TEST_SERVICES=1 KARYO_VAR_DIR=$(TEST_VAR) DATABASE_URL=$(SERVICES_DATABASE_URL) \
+		KARYO_REDIS_URL=$(SERVICES_REDIS_URL) $(PY) -m pytest tests/backend $(PYTEST_ARGS)
 endif
 
 schema: setup

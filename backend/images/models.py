@@ -6,6 +6,12 @@ from django.db import models
 from backend.projects.models import Project
 
 
+class Split(models.TextChoices):
+    UNASSIGNED = "", "Unassigned"
+    TRAIN = "train", "Train"
+    VAL = "val", "Validation"
+
+
 class Image(models.Model):
     """An uploaded slide region. Files are content-addressed, so the same bytes are stored once."""
 
@@ -17,6 +23,7 @@ class Image(models.Model):
     width = models.PositiveIntegerField()
     height = models.PositiveIntegerField()
     microns_per_pixel = models.FloatField(null=True, blank=True)
+    split = models.CharField(max_length=8, choices=Split.choices, default=Split.UNASSIGNED, blank=True)
     uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -138,6 +138,9 @@ def create_annotation(
                     prediction=prediction,
                     external_id=external_id,
                 )
+                if source != AnnotationSource.IMPORTED:
+                    # Bulk imports are an admin action: they do not count towards auto-retrain.
+                    transaction.on_commit(lambda: _annotation_hook(annotation))
             return annotation, True
         except IntegrityError:
             # Another writer took this version number (or the external id) first: re-read and retry.
@@ -150,6 +153,7 @@ def create_annotation(
     raise AssertionError("unreachable")
 
 
+@transaction.atomic
 def review_annotation(*, annotation: Annotation, reviewer, accept: bool, comment: str = "") -> Annotation:
     if annotation.status != AnnotationStatus.SUBMITTED:
         raise Conflict(f"only submitted annotations can be reviewed; this one is {annotation.status}")
@@ -158,4 +162,11 @@ def review_annotation(*, annotation: Annotation, reviewer, accept: bool, comment
     annotation.reviewed_at = timezone.now()
     annotation.review_comment = comment
     annotation.save(update_fields=["status", "reviewed_by", "reviewed_at", "review_comment"])
+    transaction.on_commit(lambda: _annotation_hook(annotation))
     return annotation
+
+
+def _annotation_hook(annotation: Annotation) -> None:
+    from backend.ml.services import on_annotation_saved
+
+    on_annotation_saved(annotation=annotation)

@@ -1,2 +1,8 @@
-"""WebSocket routes (live progress streams are added by the active-learning app)."""
-websocket_urlpatterns: list = []
+"""WebSocket routes."""
+from django.urls import path
+
+from backend.ml.consumers import ProjectEventsConsumer
+
+websocket_urlpatterns = [
+    path("ws/projects/<int:project_id>/", ProjectEventsConsumer.as_asgi()),
+]

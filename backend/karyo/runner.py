@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
+VAR = Path(os.environ.get("KARYO_VAR_DIR", ROOT / "var")).resolve()
 
 
 def manage(*args: str) -> None:
@@ -49,7 +50,9 @@ def main() -> int:
     commands = {
         "web": [PY, "-m", "daphne", "-b", host, "-p", str(port), "backend.karyo.asgi:application"],
         "worker": [PY, "-m", "celery", "-A", "backend.karyo", "worker", "-Q", "gpu,cpu", "--concurrency", "1",
-                   "--hostname", "embedded@%h", "-l", "INFO", "--without-gossip", "--without-mingle"],
+                   "--hostname", "embedded@%h", "-l", "INFO", "--without-gossip", "--without-mingle",
+                   # Embedded beat: periodic checks (stale runs) without one more process.
+                   "--beat", "--schedule", str(VAR / "celerybeat-schedule")],
     }
     children: dict[str, subprocess.Popen] = {}
     for name, command in commands.items():

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
-from rest_framework import generics, serializers
+from django.db import transaction
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics, serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
 
-from backend.common.permissions import project_for
+from backend.common.permissions import project_for, require_role
 from backend.projects.models import Role
 
-from .models import ModelVersion, TrainingRun
+from . import services, tasks
+from .models import ModelVersion, ProjectEvent, QueueEntry, TrainingRun
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -22,7 +28,37 @@ class TrainingRunSerializer(serializers.ModelSerializer):
     class Meta:
         model = TrainingRun
         fields = ["id", "project", "architecture", "config", "status", "progress", "epoch_metrics", "error", "trigger",
-                  "started_by", "created_at", "started_at", "finished_at"]
+                  "started_by", "model_version", "warm_start", "cancel_requested", "heartbeat_at", "created_at",
+                  "started_at", "finished_at"]
+        read_only_fields = fields
+
+
+class TrainingRunCreateSerializer(serializers.Serializer):
+    architecture = serializers.ChoiceField(choices=services.ARCHITECTURES, required=False)
+    config = serializers.DictField(required=False, default=dict,
+                                   help_text=f"options: {', '.join(sorted(services.RUN_CONFIG_KEYS))}")
+
+
+class QueueEntrySerializer(serializers.ModelSerializer):
+    leased_by = serializers.CharField(source="leased_by.username", default=None, read_only=True)
+    image = serializers.IntegerField(source="tile.image_id", read_only=True)
+
+    class Meta:
+        model = QueueEntry
+        fields = ["tile", "image", "rank", "score", "strategy", "model_version", "leased_by", "lease_expires_at"]
+        read_only_fields = fields
+
+
+class RankSerializer(serializers.Serializer):
+    strategy = serializers.CharField(required=False)
+
+
+class EventSerializer(serializers.ModelSerializer):
+    actor = serializers.CharField(source="actor.username", default=None, read_only=True)
+
+    class Meta:
+        model = ProjectEvent
+        fields = ["id", "kind", "message", "data", "actor", "created_at"]
         read_only_fields = fields
 
 
@@ -34,9 +70,116 @@ class ModelVersionListView(generics.ListAPIView):
         return ModelVersion.objects.filter(project=project)
 
 
+def model_version_for(request, model_version_id: int, minimum: Role) -> ModelVersion:
+    model_version = get_object_or_404(ModelVersion.objects.select_related("project"), pk=model_version_id)
+    require_role(user=request.user, project=model_version.project, minimum=minimum)
+    return model_version
+
+
+class PromoteView(APIView):
+    @extend_schema(request=None, responses=ModelVersionSerializer)
+    def post(self, request, model_version_id: int):
+        model_version = model_version_for(request, model_version_id, Role.ADMIN)
+        model_version = services.promote(model_version=model_version, reason=f"promoted by {request.user.username}",
+                                         by=request.user)
+        services.after_promotion(project=model_version.project, model_version=model_version)
+        return Response(ModelVersionSerializer(model_version).data)
+
+
+class RollbackView(APIView):
+    @extend_schema(request=None, responses=ModelVersionSerializer)
+    def post(self, request, project_id: int):
+        project = project_for(user=request.user, project_id=project_id, minimum=Role.ADMIN)
+        model_version = services.rollback(project=project, by=request.user)
+        services.after_promotion(project=project, model_version=model_version)
+        return Response(ModelVersionSerializer(model_version).data)
+
+
 class TrainingRunListView(generics.ListAPIView):
     serializer_class = TrainingRunSerializer
 
     def get_queryset(self):
         project = project_for(user=self.request.user, project_id=self.kwargs["project_id"], minimum=Role.VIEWER)
+        services.fail_stale_runs(project=project)
         return TrainingRun.objects.filter(project=project).select_related("started_by")
+
+    @extend_schema(request=TrainingRunCreateSerializer, responses={202: TrainingRunSerializer})
+    def post(self, request, project_id: int):
+        project = project_for(user=request.user, project_id=project_id, minimum=Role.ADMIN)
+        serializer = TrainingRunCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        run = services.start_training_run(
+            project=project, architecture=serializer.validated_data.get("architecture"),
+            config=serializer.validated_data.get("config"), started_by=request.user,
+        )
+        return Response(TrainingRunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+
+def run_for(request, run_id: int, minimum: Role) -> TrainingRun:
+    run = get_object_or_404(TrainingRun.objects.select_related("project"), pk=run_id)
+    require_role(user=request.user, project=run.project, minimum=minimum)
+    return run
+
+
+class TrainingRunDetailView(generics.RetrieveAPIView):
+    serializer_class = TrainingRunSerializer
+
+    def get_object(self):
+        return run_for(self.request, self.kwargs["run_id"], Role.VIEWER)
+
+
+class TrainingRunCancelView(APIView):
+    @extend_schema(request=None, responses=TrainingRunSerializer)
+    def post(self, request, run_id: int):
+        run = services.cancel_run(run=run_for(request, run_id, Role.ADMIN), by=request.user)
+        return Response(TrainingRunSerializer(run).data)
+
+
+class QueueView(generics.ListAPIView):
+    serializer_class = QueueEntrySerializer
+
+    def get_queryset(self):
+        project = project_for(user=self.request.user, project_id=self.kwargs["project_id"], minimum=Role.VIEWER)
+        return QueueEntry.objects.filter(project=project).select_related("leased_by", "tile").order_by("rank")
+
+
+class QueueNextView(APIView):
+    @extend_schema(request=None, responses={200: QueueEntrySerializer, 204: None})
+    def post(self, request, project_id: int):
+        project = project_for(user=request.user, project_id=project_id, minimum=Role.ANNOTATOR)
+        entry = services.next_tile(project=project, user=request.user)
+        if entry is None:
+            return Response({"detail": "the queue is empty: every ranked tile is annotated or held by someone"},
+                            status=status.HTTP_204_NO_CONTENT)
+        return Response(QueueEntrySerializer(entry).data)
+
+
+class QueueReleaseView(APIView):
+    @extend_schema(request=None, responses={204: None})
+    def post(self, request, project_id: int):
+        project = project_for(user=request.user, project_id=project_id, minimum=Role.ANNOTATOR)
+        services.release_lease(project=project, user=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class RankView(APIView):
+    @extend_schema(request=RankSerializer, responses={202: None})
+    def post(self, request, project_id: int):
+        from ml_worker.active_learning import STRATEGIES
+
+        project = project_for(user=request.user, project_id=project_id, minimum=Role.ADMIN)
+        serializer = RankSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        strategy = serializer.validated_data.get("strategy") or project.al_strategy
+        if strategy not in STRATEGIES:
+            raise serializers.ValidationError({"strategy": f"unknown strategy; choose one of {', '.join(sorted(STRATEGIES))}"})
+        transaction.on_commit(lambda: tasks.rank.delay(project.pk, strategy))
+        return Response({"queued": True, "strategy": strategy}, status=status.HTTP_202_ACCEPTED)
+
+
+class EventListView(generics.ListAPIView):
+    serializer_class = EventSerializer
+
+    def get_queryset(self):
+        project = project_for(user=self.request.user, project_id=self.kwargs["project_id"], minimum=Role.VIEWER)
+        return ProjectEvent.objects.filter(project=project).select_related("actor")

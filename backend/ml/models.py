@@ -26,6 +26,15 @@ class TrainingRun(models.Model):
     trigger = models.CharField(max_length=16, default="manual")
     started_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     celery_task_id = models.CharField(max_length=64, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    model_version = models.ForeignKey(
+        "ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="The version this run produced.",
+    )
+    warm_start = models.ForeignKey(
+        "ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="The active version whose weights this run started from.",
+    )
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -33,6 +42,16 @@ class TrainingRun(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            # One live run per project: a burst of submissions cannot start several runs.
+            models.UniqueConstraint(
+                fields=["project"], condition=models.Q(status__in=["queued", "running"]), name="one_live_run_per_project"
+            )
+        ]
+
+    @property
+    def is_live(self) -> bool:
+        return self.status in (RunStatus.QUEUED, RunStatus.RUNNING)
 
 
 class ModelStatus(models.TextChoices):
@@ -70,8 +89,41 @@ class Prediction(models.Model):
     mask = models.FileField(max_length=255)
     nucleus_count = models.PositiveIntegerField(default=0)
     uncertainty = models.JSONField(default=dict, blank=True, help_text="Strategy name -> score (higher = less certain).")
+    embedding = models.JSONField(default=list, blank=True, help_text="Pooled encoder features (diversity sampling).")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["tile", "model_version"], name="unique_prediction")]
         ordering = ["tile_id", "-created_at"]
+
+
+class QueueEntry(models.Model):
+    """One tile in a project's ranked annotation queue; a lease keeps two annotators apart."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="queue")
+    tile = models.ForeignKey(Tile, on_delete=models.CASCADE, related_name="queue_entries")
+    rank = models.PositiveIntegerField()
+    score = models.FloatField()
+    strategy = models.CharField(max_length=32)
+    model_version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    leased_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "tile"], name="unique_queue_tile")]
+        ordering = ["project_id", "rank"]
+
+
+class ProjectEvent(models.Model):
+    """What happened in a project (runs, promotions, rankings, submissions): the activity feed."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=32)
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]

@@ -60,6 +60,12 @@ class Project(models.Model):
         default=False, help_text="Train only on reviewed annotations (otherwise submitted ones count too)."
     )
     licence = models.CharField(max_length=200, blank=True)
+    training_defaults = models.JSONField(
+        default=dict, blank=True, help_text="TrainConfig overrides used by every run of this project (epochs, width, ...)."
+    )
+    validation_frozen_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the by-image validation split was frozen (first training run)."
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -102,3 +102,103 @@ def client_for(user) -> APIClient:
 def api(team):
     """``api("annotator")`` -> an APIClient authenticated with that user's token; ``api(None)`` is anonymous."""
     return lambda who: client_for(team["users"][who] if who else None)
+
+
+def test_database_url() -> str:
+    """The URL of the database the tests are using, for worker/server subprocesses."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    if s["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{s['NAME']}"
+    auth = s["USER"] + (f":{s['PASSWORD']}" if s.get("PASSWORD") else "")
+    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment that points a worker/server subprocess at the test's database and storage."""
+    from django.conf import settings
+
+    env = {"DATABASE_URL": test_database_url()}
+    storage = settings.STORAGES["default"]
+    options = storage.get("OPTIONS", {})
+    if storage["BACKEND"].endswith("S3Storage"):
+        env.update(KARYO_S3_ENDPOINT=options["endpoint_url"], KARYO_S3_BUCKET=options["bucket_name"],
+                   KARYO_S3_ACCESS_KEY=options["access_key"], KARYO_S3_SECRET_KEY=options["secret_key"])
+    else:
+        env["KARYO_MEDIA_ROOT"] = str(options["location"])
+    return env
+
+
+class WorkerProcess:
+    """A real `celery worker` subprocess on the configured broker, sharing the test database."""
+
+    def __init__(self, log_path, queues: str = "cpu,gpu", env: dict | None = None):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        self.log_path = log_path
+        self.log = open(log_path, "w+")
+        root = Path(__file__).resolve().parents[2]
+        full_env = {**os.environ, **subprocess_env(), **(env or {})}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "backend.karyo", "worker", "-Q", queues, "--pool", "solo",
+             "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h", "-l", "INFO", "--without-gossip", "--without-mingle",
+             "--without-heartbeat"],
+            cwd=root, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        self.log.flush()
+        return open(self.log_path).read()
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "ready." in self.output():
+                return
+            if self.process.poll() is not None:
+                pytest.fail(f"worker exited: {self.output()}")
+            time.sleep(0.2)
+        self.kill()
+        pytest.fail(f"worker never became ready: {self.output()}")
+
+    def kill(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except Exception:
+                self.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    """``start_worker()`` -> a ready WorkerProcess; every worker is stopped after the test.
+    The broker is purged first so no message left by another test is consumed."""
+    from backend.karyo.celery import app
+
+    workers: list[WorkerProcess] = []
+    app.control.purge()
+
+    def start(queues: str = "cpu,gpu", env: dict | None = None) -> WorkerProcess:
+        worker = WorkerProcess(tmp_path / f"worker-{len(workers)}.log", queues=queues, env=env)
+        workers.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()

@@ -1,0 +1,292 @@
+"""Active-learning business logic: training runs, gated promotion, the ranked queue, auto-retrain."""
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from backend.common.errors import Conflict, KaryoError
+from backend.images.models import Annotation, Image, Split, Tile
+from backend.images.services import accepted_statuses
+from backend.projects.models import Project
+
+from . import events
+from .models import ModelStatus, ModelVersion, ProjectEvent, QueueEntry, RunStatus, TrainingRun
+
+ARCHITECTURES = ("unet", "pgunet_plus", "unet_sharp", "dssnet", "hspnet", "multihead_unet")
+VAL_FRACTION = 0.2
+
+# What a run's config may set (everything else comes from ml_worker's TrainConfig defaults).
+RUN_CONFIG_KEYS = {
+    "epochs": int, "batch_size": int, "lr": float, "tile_size": int, "steps_per_epoch": int, "width": int,
+    "stain_norm": str, "loss": str, "optimizer": str, "augment": str, "early_stopping_patience": int, "seed": int,
+}
+
+
+def _validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    clean: dict[str, Any] = {}
+    for key, value in (config or {}).items():
+        if key not in RUN_CONFIG_KEYS:
+            raise KaryoError(f"unknown training option {key!r}; known: {', '.join(sorted(RUN_CONFIG_KEYS))}", code="invalid_config")
+        try:
+            clean[key] = RUN_CONFIG_KEYS[key](value)
+        except (TypeError, ValueError):
+            raise KaryoError(f"training option {key!r} must be {RUN_CONFIG_KEYS[key].__name__}", code="invalid_config") from None
+    for key in ("epochs", "batch_size", "tile_size", "steps_per_epoch", "width"):
+        if key in clean and clean[key] < 1:
+            raise KaryoError(f"training option {key!r} must be positive", code="invalid_config")
+    if "lr" in clean and not 0 < clean["lr"] < 1:
+        raise KaryoError("learning rate must lie between 0 and 1", code="invalid_config")
+    if clean.get("stain_norm", "none") not in ("none", "macenko", "reinhard"):
+        raise KaryoError("stain_norm is none, macenko or reinhard", code="invalid_config")
+    return clean
+
+
+# --- validation split ------------------------------------------------------------------------
+
+def freeze_validation_split(*, project: Project, seed: int = 0) -> None:
+    """Freeze the by-image validation split once, at the project's first run, so that every
+    later model version is compared on the same images. Images annotated later join training."""
+    if project.validation_frozen_at is not None:
+        Image.objects.filter(project=project, split=Split.UNASSIGNED).update(split=Split.TRAIN)
+        return
+    annotated = sorted(
+        set(
+            Annotation.objects.filter(tile__project=project, status__in=accepted_statuses(project))
+            .values_list("tile__image_id", flat=True)
+        )
+    )
+    rng = random.Random(seed)
+    rng.shuffle(annotated)
+    n_val = max(1, round(len(annotated) * VAL_FRACTION)) if len(annotated) >= 2 else 0
+    val = set(annotated[:n_val])
+    Image.objects.filter(project=project, pk__in=val).update(split=Split.VAL)
+    Image.objects.filter(project=project).exclude(pk__in=val).update(split=Split.TRAIN)
+    project.validation_frozen_at = timezone.now()
+    project.save(update_fields=["validation_frozen_at"])
+
+
+# --- training runs ---------------------------------------------------------------------------
+
+def fail_stale_runs(*, project: Project | None = None, timeout_seconds: int | None = None) -> int:
+    """Runs whose worker stopped sending heartbeats are failed, so nothing stays `running` forever."""
+    timeout = settings.KARYO_HEARTBEAT_TIMEOUT_SECONDS if timeout_seconds is None else timeout_seconds
+    cutoff = timezone.now() - timedelta(seconds=timeout)
+    stale = TrainingRun.objects.filter(status=RunStatus.RUNNING).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
+    )
+    if project is not None:
+        stale = stale.filter(project=project)
+    count = 0
+    for run in stale:
+        updated = TrainingRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
+            status=RunStatus.FAILED, finished_at=timezone.now(),
+            error=f"the worker stopped responding (last heartbeat {run.heartbeat_at or run.started_at:%Y-%m-%d %H:%M:%S} UTC); "
+                  "the run was marked failed so a new one can start",
+        )
+        if updated:
+            count += 1
+            events.record(run.project_id, "run.failed", f"training run {run.pk} lost its worker", run=run.pk)
+    return count
+
+
+def start_training_run(
+    *, project: Project, architecture: str | None = None, config: dict[str, Any] | None = None, started_by=None,
+    trigger: str = "manual",
+) -> TrainingRun:
+    from . import tasks
+
+    architecture = architecture or project.default_architecture
+    if architecture not in ARCHITECTURES:
+        raise KaryoError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}", code="invalid_architecture")
+    clean = {**_validate_config(project.training_defaults), **_validate_config(config or {})}
+    fail_stale_runs(project=project)
+    if not Annotation.objects.filter(tile__project=project, status__in=accepted_statuses(project)).exists():
+        raise Conflict("the project has no accepted annotations to train on yet")
+    active = ModelVersion.objects.filter(project=project, status=ModelStatus.ACTIVE).first()
+    try:
+        with transaction.atomic():
+            freeze_validation_split(project=project)
+            run = TrainingRun.objects.create(
+                project=project, architecture=architecture, config=clean, started_by=started_by, trigger=trigger,
+                warm_start=active if active is not None and active.architecture == architecture else None,
+            )
+            transaction.on_commit(lambda: tasks.train.delay(run.pk))
+    except IntegrityError:
+        live = TrainingRun.objects.filter(project=project, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]).first()
+        raise Conflict(f"training run {live.pk if live else '?'} is already in progress for this project") from None
+    events.record(project.pk, "run.queued", f"training run {run.pk} ({architecture}) queued ({trigger})", actor=started_by,
+                  run=run.pk)
+    return run
+
+
+def cancel_run(*, run: TrainingRun, by=None) -> TrainingRun:
+    if not run.is_live:
+        raise Conflict(f"run {run.pk} is already {run.status}")
+    # A queued run is cancelled at once; a running one stops at its next step.
+    updated = TrainingRun.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
+        status=RunStatus.CANCELLED, cancel_requested=True, finished_at=timezone.now()
+    )
+    if not updated:
+        TrainingRun.objects.filter(pk=run.pk).update(cancel_requested=True)
+    run.refresh_from_db()
+    events.record(run.project_id, "run.cancel", f"training run {run.pk} cancelled", actor=by, run=run.pk)
+    return run
+
+
+def maybe_auto_retrain(*, project: Project) -> TrainingRun | None:
+    """Start a run when N accepted annotations arrived since the last run started."""
+    threshold = project.auto_retrain_threshold
+    if not threshold:
+        return None
+    fail_stale_runs(project=project)
+    if TrainingRun.objects.filter(project=project, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]).exists():
+        return None
+    last = TrainingRun.objects.filter(project=project).order_by("-created_at").first()
+    new = Annotation.objects.filter(tile__project=project, status__in=accepted_statuses(project))
+    if last is not None:
+        new = new.filter(Q(created_at__gt=last.created_at) | Q(reviewed_at__gt=last.created_at))
+    if new.count() < threshold:
+        return None
+    try:
+        return start_training_run(project=project, trigger="auto")
+    except Conflict:
+        return None  # another submission won the race: one run, not many
+
+
+def on_annotation_saved(*, annotation: Annotation) -> None:
+    """Called after an annotation version is stored or reviewed: release its lease, maybe retrain."""
+    tile = annotation.tile
+    if annotation.status in accepted_statuses(tile.project):
+        QueueEntry.objects.filter(project=tile.project, tile=tile).delete()
+        events.publish(tile.project_id, "queue.changed", tile=tile.pk, reason="annotated")
+        maybe_auto_retrain(project=tile.project)
+    elif annotation.author_id:
+        QueueEntry.objects.filter(project=tile.project, tile=tile, leased_by_id=annotation.author_id).update(
+            leased_by=None, lease_expires_at=None
+        )
+
+
+# --- model versions --------------------------------------------------------------------------
+
+def gate(*, candidate: dict[str, float], active: dict[str, float] | None) -> tuple[bool, str]:
+    """Promote only if validation Dice and AJI are at least the active model's (same frozen split)."""
+    if active is None:
+        return True, "first model of the project"
+    worse = [m for m in ("dice", "aji") if candidate.get(m, 0.0) < active.get(m, 0.0)]
+    if worse:
+        detail = ", ".join(f"{m} {candidate.get(m, 0):.4f} < {active.get(m, 0):.4f}" for m in worse)
+        return False, f"kept as candidate: validation {detail} of the active model"
+    return True, (f"validation dice {candidate.get('dice', 0):.4f} >= {active.get('dice', 0):.4f} and "
+                  f"aji {candidate.get('aji', 0):.4f} >= {active.get('aji', 0):.4f} of the active model")
+
+
+@transaction.atomic
+def promote(*, model_version: ModelVersion, reason: str, by=None) -> ModelVersion:
+    if model_version.status == ModelStatus.ACTIVE:
+        raise Conflict(f"model version {model_version.version} is already active")
+    if not model_version.weights:
+        raise Conflict("this model version has no weights")
+    ModelVersion.objects.filter(project=model_version.project, status=ModelStatus.ACTIVE).update(status=ModelStatus.RETIRED)
+    model_version.status = ModelStatus.ACTIVE
+    model_version.status_reason = reason
+    model_version.promoted_at = timezone.now()
+    model_version.save(update_fields=["status", "status_reason", "promoted_at"])
+    project_id = model_version.project_id
+    transaction.on_commit(lambda: events.record(
+        project_id, "model.promoted", f"model v{model_version.version} is active: {reason}", actor=by,
+        model_version=model_version.pk,
+    ))
+    return model_version
+
+
+def rollback(*, project: Project, by=None) -> ModelVersion:
+    """Re-activate the most recently retired version (the one active before the current)."""
+    previous = ModelVersion.objects.filter(project=project, status=ModelStatus.RETIRED).order_by("-promoted_at", "-version").first()
+    if previous is None:
+        raise Conflict("there is no earlier model version to roll back to")
+    return promote(model_version=previous, reason=f"rolled back by {getattr(by, 'username', 'system')}", by=by)
+
+
+def after_promotion(*, project: Project, model_version: ModelVersion) -> None:
+    """Predict every tile with the new active model, then re-rank (chained on the gpu queue)."""
+    from . import tasks
+
+    transaction.on_commit(lambda: tasks.predict.delay(project.pk, model_version.pk, None, True))
+
+
+# --- the queue -------------------------------------------------------------------------------
+
+def next_tile(*, project: Project, user) -> QueueEntry | None:
+    """Lease the top-ranked tile nobody else holds. Asking again returns the caller's own lease."""
+    now = timezone.now()
+    for _ in range(5):
+        with transaction.atomic():
+            own = (
+                QueueEntry.objects.select_for_update()
+                .filter(project=project, leased_by=user, lease_expires_at__gt=now)
+                .order_by("rank")
+                .first()
+            )
+            if own is not None:
+                return own
+            candidates = QueueEntry.objects.filter(project=project).filter(
+                Q(leased_by__isnull=True) | Q(lease_expires_at__lte=now)
+            ).order_by("rank")
+            if connection_supports_skip_locked():
+                candidates = candidates.select_for_update(skip_locked=True)
+            entry = candidates.first()
+            if entry is None:
+                return None
+            # Compare-and-set: only one of two concurrent callers wins this row.
+            won = QueueEntry.objects.filter(pk=entry.pk).filter(
+                Q(leased_by__isnull=True) | Q(lease_expires_at__lte=now)
+            ).update(leased_by=user, lease_expires_at=now + timedelta(seconds=settings.KARYO_QUEUE_LEASE_SECONDS))
+            if won:
+                entry.refresh_from_db()
+                events.publish(project.pk, "queue.leased", tile=entry.tile_id, user=user.username)
+                return entry
+    return None
+
+
+def release_lease(*, project: Project, user) -> int:
+    return QueueEntry.objects.filter(project=project, leased_by=user).update(leased_by=None, lease_expires_at=None)
+
+
+def connection_supports_skip_locked() -> bool:
+    from django.db import connection
+
+    return connection.features.has_select_for_update_skip_locked
+
+
+@transaction.atomic
+def replace_queue(*, project: Project, ordered: list[tuple[int, float]], strategy: str, model_version: ModelVersion | None) -> int:
+    """Rebuild the queue from ``(tile_id, score)`` pairs, most valuable first; live leases are kept."""
+    now = timezone.now()
+    leases = {
+        e.tile_id: (e.leased_by_id, e.lease_expires_at)
+        for e in QueueEntry.objects.filter(project=project, leased_by__isnull=False, lease_expires_at__gt=now)
+    }
+    QueueEntry.objects.filter(project=project).delete()
+    QueueEntry.objects.bulk_create([
+        QueueEntry(
+            project=project, tile_id=tile_id, rank=i, score=score, strategy=strategy, model_version=model_version,
+            leased_by_id=leases.get(tile_id, (None, None))[0], lease_expires_at=leases.get(tile_id, (None, None))[1],
+        )
+        for i, (tile_id, score) in enumerate(ordered)
+    ])
+    return len(ordered)
+
+
+def unlabelled_tiles(*, project: Project):
+    accepted = Annotation.objects.filter(tile__project=project, status__in=accepted_statuses(project)).values("tile_id")
+    return Tile.objects.filter(project=project).exclude(pk__in=accepted)
+
+
+def recent_events(*, project: Project, limit: int = 50):
+    return ProjectEvent.objects.filter(project=project).select_related("actor")[:limit]

@@ -1,0 +1,279 @@
+"""The long-running work behind the Celery tasks: training, prediction, ranking.
+
+These run in the worker process. They take ids, pull pixels and masks from storage, call
+``ml_worker`` (which knows nothing of Django), and write results back with
+``StagedWrites`` so a crash leaves no half-written rows or files.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.core.files.storage import default_storage
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from backend.common.storage import StagedWrites, encode_png, read_bytes, read_label_map, read_rgb
+from backend.images.models import Split, Tile
+from backend.images.selectors import training_annotations
+from backend.projects.models import Project
+
+from . import events
+from .models import ModelStatus, ModelVersion, Prediction, RunStatus, TrainingRun
+from .services import after_promotion, gate, promote, replace_queue, unlabelled_tiles
+
+log = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 5.0
+_model_cache: dict[int, tuple[Any, Any, dict]] = {}
+
+
+def runs_dir() -> Path:
+    path = Path(settings.VAR_DIR) / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Heartbeat:
+    """Touches ``heartbeat_at`` from a thread while the run works, so a killed worker is noticed
+    (``fail_stale_runs``) even while the training loop is busy in one long step."""
+
+    def __init__(self, run_id: int):
+        self.run_id = run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{run_id}")
+
+    def _beat(self) -> None:
+        from django.db import connection
+
+        try:
+            while not self._stop.wait(HEARTBEAT_SECONDS):
+                TrainingRun.objects.filter(pk=self.run_id, status=RunStatus.RUNNING).update(heartbeat_at=timezone.now())
+        finally:
+            connection.close()
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def load_samples(*, project: Project) -> tuple[list, list]:
+    """The latest accepted annotation of every tile, as ml_worker Samples, split by the frozen split."""
+    from ml_worker.data import Sample
+
+    train, val = [], []
+    for annotation in training_annotations(project=project).order_by("tile_id"):
+        tile = annotation.tile
+        sample = Sample(
+            name=f"tile-{tile.pk}", image=read_rgb(tile.file.name), instances=read_label_map(annotation.mask.name)
+        )
+        (val if tile.image.split == Split.VAL else train).append(sample)
+    return train, val
+
+
+def load_model(model_version: ModelVersion):
+    """(model, normalizer, meta) for a stored version; cached per worker process."""
+    from ml_worker.training import load_for_inference
+
+    cached = _model_cache.get(model_version.pk)
+    if cached is not None:
+        return cached
+    local = runs_dir() / "cache" / f"model-{model_version.pk}.pt"
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_suffix(".part")
+        tmp.write_bytes(read_bytes(model_version.weights.name))
+        tmp.replace(local)
+    loaded = load_for_inference(local)
+    _model_cache.clear()  # one model in memory at a time: the worker's memory is bounded
+    _model_cache[model_version.pk] = loaded
+    return loaded
+
+
+def _claim(run_id: int, task_id: str) -> TrainingRun | None:
+    now = timezone.now()
+    claimed = TrainingRun.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
+        status=RunStatus.RUNNING, started_at=now, heartbeat_at=now, celery_task_id=task_id
+    )
+    run = TrainingRun.objects.filter(pk=run_id).select_related("project", "warm_start").first()
+    if run is None:
+        log.warning("training run %s does not exist; nothing to do", run_id)
+        return None
+    if claimed:
+        return run
+    if run.status == RunStatus.RUNNING and run.celery_task_id == task_id:
+        return run  # the broker redelivered our own task after a worker crash: resume it
+    log.info("training run %s is %s; not starting it again", run_id, run.status)
+    return None
+
+
+def run_training(*, run_id: int, task_id: str = "") -> str:
+    from ml_worker.training import TrainConfig, evaluate_samples, load_for_inference, train
+
+    run = _claim(run_id, task_id)
+    if run is None:
+        return "skipped"
+    project = run.project
+    out_dir = runs_dir() / f"run-{run.pk}"
+    events.record(project.pk, "run.started", f"training run {run.pk} started", run=run.pk)
+    last_check = [0.0, False]
+
+    def should_stop() -> bool:
+        if time.monotonic() - last_check[0] > 1.0:
+            last_check[0] = time.monotonic()
+            last_check[1] = TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists()
+        return last_check[1]
+
+    def progress(event: dict) -> None:
+        if event.get("event") == "epoch":
+            entry = {k: v for k, v in event.items() if k != "event"}
+            current = TrainingRun.objects.get(pk=run.pk)
+            TrainingRun.objects.filter(pk=run.pk).update(
+                epoch_metrics=[*current.epoch_metrics, entry], progress=float(event.get("progress", 0.0)),
+                heartbeat_at=timezone.now(),
+            )
+            events.publish(project.pk, "run.epoch", run=run.pk, **entry)
+        elif event.get("event") == "step":
+            events.publish(project.pk, "run.step", run=run.pk, **{k: v for k, v in event.items() if k != "event"})
+
+    try:
+        with Heartbeat(run.pk):
+            train_samples, val_samples = load_samples(project=project)
+            if not train_samples:
+                raise RuntimeError("no accepted annotations on training images")
+            note = ""
+            if not val_samples:
+                val_samples = train_samples
+                note = " (no validation images are annotated yet: metrics are on training data)"
+            options = dict(run.config)
+            width = options.pop("width", None)
+            config = TrainConfig(
+                arch=run.architecture,
+                model_kwargs={"width": width} if width else {},
+                out_dir=str(out_dir),
+                resume=str(out_dir / "last.pt") if (out_dir / "last.pt").exists() else None,
+                **options,
+            )
+            init = None
+            if run.warm_start_id and run.warm_start.weights:
+                init = runs_dir() / "cache" / f"warm-{run.warm_start_id}.pt"
+                init.parent.mkdir(parents=True, exist_ok=True)
+                init.write_bytes(read_bytes(run.warm_start.weights.name))
+                config = config.replace(init_weights=str(init))
+            result = train(config, train_samples, val_samples, progress=progress, should_stop=should_stop)
+        if result.status == "cancelled":
+            TrainingRun.objects.filter(pk=run.pk).update(status=RunStatus.CANCELLED, finished_at=timezone.now())
+            events.record(project.pk, "run.cancelled", f"training run {run.pk} stopped on request", run=run.pk)
+            return "cancelled"
+        metrics = dict(result.best_metrics)
+        active = ModelVersion.objects.filter(project=project, status=ModelStatus.ACTIVE).first()
+        active_metrics = None
+        if active is not None:
+            # Re-measured now, on the same frozen split, so the comparison is fair.
+            model, normalizer, _meta = load_model(active)
+            active_metrics, _ = evaluate_samples(model, val_samples, tile_size=config.tile_size, normalizer=normalizer)
+        ok, reason = gate(candidate=metrics, active=active_metrics)
+        weights_bytes = Path(result.best_path).read_bytes()
+        trained, _normalizer, _meta = load_for_inference(result.best_path)
+        with StagedWrites() as staged, transaction.atomic():
+            version = (ModelVersion.objects.filter(project=project).aggregate(v=Max("version"))["v"] or 0) + 1
+            name = staged.save(f"models/{project.pk}/v{version}-run{run.pk}.pt", weights_bytes)
+            model_version = ModelVersion.objects.create(
+                project=project, version=version, architecture=run.architecture, init_kwargs=dict(trained.init_kwargs),
+                weights=name, metrics={**metrics, "validation_note": note.strip(), "active_at_gating": active_metrics},
+                training_run=run, status=ModelStatus.CANDIDATE, status_reason=reason + note,
+            )
+            TrainingRun.objects.filter(pk=run.pk).update(
+                status=RunStatus.SUCCEEDED, progress=1.0, finished_at=timezone.now(), model_version=model_version
+            )
+            if ok:
+                promote(model_version=model_version, reason=reason + note)
+                after_promotion(project=project, model_version=model_version)
+        events.record(project.pk, "run.succeeded", f"training run {run.pk} produced model v{version}: {reason}",
+                      run=run.pk, model_version=model_version.pk, promoted=ok, metrics=metrics)
+        return "promoted" if ok else "candidate"
+    except Exception as exc:
+        log.exception("training run %s failed", run.pk)
+        TrainingRun.objects.filter(pk=run.pk).update(
+            status=RunStatus.FAILED, finished_at=timezone.now(),
+            error=f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc(limit=8)}",
+        )
+        events.record(project.pk, "run.failed", f"training run {run.pk} failed: {type(exc).__name__}: {exc}", run=run.pk)
+        return "failed"
+
+
+def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int] | None = None) -> int:
+    from ml_worker.active_learning import analyze_tile
+
+    model_version = ModelVersion.objects.select_related("project").get(pk=model_version_id)
+    project = model_version.project
+    model, normalizer, meta = load_model(model_version)
+    tiles = Tile.objects.filter(project_id=project_id).exclude(predictions__model_version=model_version).order_by("id")
+    if tile_ids is not None:
+        tiles = tiles.filter(pk__in=tile_ids)
+    tiles = list(tiles)
+    expensive = project.al_strategy in ("mc_dropout", "tta")
+    tile_size = int(meta.get("config", {}).get("tile_size", 256))
+    done = 0
+    for i, tile in enumerate(tiles):
+        analysis = analyze_tile(
+            model, read_rgb(tile.file.name), normalizer=normalizer, tile_size=tile_size,
+            mc_samples=8 if project.al_strategy == "mc_dropout" else 0, tta=expensive and project.al_strategy == "tta",
+        )
+        png = encode_png(analysis.instances)
+        try:
+            with StagedWrites() as staged, transaction.atomic():
+                name = staged.save(f"predictions/{model_version.pk}/{tile.pk}.png", png)
+                Prediction.objects.create(
+                    tile=tile, model_version=model_version, mask=name, nucleus_count=int(analysis.nucleus_count),
+                    uncertainty={k: float(v) for k, v in analysis.scores.items()},
+                    embedding=[float(x) for x in np.asarray(analysis.embedding).ravel()],
+                )
+            done += 1
+        except IntegrityError:
+            pass  # a retried task already stored this tile's prediction: nothing to duplicate
+        if (i + 1) % 4 == 0 or i + 1 == len(tiles):
+            events.publish(project_id, "predict.progress", model_version=model_version.pk, done=i + 1, total=len(tiles))
+    return done
+
+
+def run_ranking(*, project_id: int, strategy: str | None = None, batch_size: int = 8, seed: int = 0) -> int:
+    from ml_worker.active_learning import rank
+
+    project = Project.objects.get(pk=project_id)
+    strategy = strategy or project.al_strategy
+    active = ModelVersion.objects.filter(project=project, status=ModelStatus.ACTIVE).first()
+    pool = list(unlabelled_tiles(project=project).order_by("id").values_list("id", flat=True))
+    if active is None:
+        # No model yet: nothing to be uncertain about, so a seeded random order.
+        rng = np.random.default_rng(seed)
+        order = [pool[i] for i in rng.permutation(len(pool))]
+        count = replace_queue(project=project, ordered=[(t, 0.0) for t in order], strategy="random", model_version=None)
+        events.publish(project_id, "queue.ranked", strategy="random", size=count, model_version=None)
+        return count
+    predictions = {p.tile_id: p for p in Prediction.objects.filter(model_version=active, tile_id__in=pool)}
+    ranked_ids = [t for t in pool if t in predictions]
+    missing = [t for t in pool if t not in predictions]
+    scores = [predictions[t].uncertainty for t in ranked_ids]
+    embeddings = np.array([predictions[t].embedding for t in ranked_ids], dtype=np.float32) if ranked_ids else None
+    costs = np.array([predictions[t].nucleus_count for t in ranked_ids], dtype=np.float32) if ranked_ids else None
+    labelled = Prediction.objects.filter(model_version=active).exclude(tile_id__in=pool).values_list("embedding", flat=True)
+    labelled_embeddings = np.array(list(labelled), dtype=np.float32) if labelled else None
+    order = rank(strategy, scores, embeddings=embeddings, costs=costs, k=min(batch_size, len(ranked_ids)) or None,
+                 seed=seed, labelled_embeddings=labelled_embeddings) if ranked_ids else []
+    key = {"hybrid": "entropy", "random": "entropy"}.get(strategy, strategy)
+    ordered = [(ranked_ids[i], float(scores[i].get(key, 0.0))) for i in order] + [(t, 0.0) for t in missing]
+    count = replace_queue(project=project, ordered=ordered, strategy=strategy, model_version=active)
+    events.publish(project_id, "queue.ranked", strategy=strategy, size=count, model_version=active.pk,
+                   top=[t for t, _ in ordered[:5]])
+    return count
