@@ -27,7 +27,7 @@ from tests.backend.factories import encode, label_png
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-TINY = {"epochs": 2, "width": 4, "tile_size": 64, "batch_size": 4, "steps_per_epoch": 3, "early_stopping_patience": 0}
+TINY = {"epochs": 2, "width": 4, "tile_size": 64, "batch_size": 4, "steps_per_epoch": 3}
 
 
 def wait_until(predicate, timeout: float = 240, what: str = "condition", worker=None):
@@ -106,7 +106,7 @@ class EventListener(threading.Thread):
         self.events: list[dict] = []
         self.connected = threading.Event()
         self.error: BaseException | None = None
-        self._stop = False
+        self._stopping = False
 
     def run(self) -> None:
         import websockets
@@ -114,7 +114,7 @@ class EventListener(threading.Thread):
         async def listen() -> None:
             async with websockets.connect(self.url, origin=self.origin) as ws:
                 self.connected.set()
-                while not self._stop:
+                while not self._stopping:
                     try:
                         message = await asyncio.wait_for(ws.recv(), timeout=0.5)
                     except asyncio.TimeoutError:
@@ -128,7 +128,7 @@ class EventListener(threading.Thread):
             self.connected.set()
 
     def stop(self) -> None:
-        self._stop = True
+        self._stopping = True
         self.join(timeout=5)
 
     def kinds(self) -> list[str]:
@@ -139,7 +139,7 @@ def test_the_loop_trains_predicts_ranks_retrains_and_streams_progress(loop_proje
     from rest_framework.authtoken.models import Token
 
     project, admin, (ann1, ann2), truths = (loop_project[k] for k in ("project", "admin", "annotators", "truths"))
-    token = Token.objects.create(user=admin).key
+    token = Token.objects.get_or_create(user=admin)[0].key
     listener = EventListener(f"ws://{asgi_server}/ws/projects/{project.pk}/?token={token}", origin=f"http://{asgi_server}")
     listener.start()
     assert listener.connected.wait(20) and listener.error is None, listener.error
@@ -211,7 +211,8 @@ def test_the_loop_trains_predicts_ranks_retrains_and_streams_progress(loop_proje
     annotated = set(seed_tiles[:3]) | set(results.values())
     assert not QueueEntry.objects.filter(project=project, tile_id__in=annotated).exists()
 
-    wait_until(lambda: listener.kinds().count("run.epoch") >= 4, 30, "epoch events over the WebSocket")
+    wait_until(lambda: listener.kinds().count("run.epoch") >= 4, 30,
+               f"epoch events over the WebSocket (got {listener.kinds()}, error {listener.error!r})")
     listener.stop()
     kinds = listener.kinds()
     assert {"run.queued", "run.started", "run.epoch", "run.succeeded", "model.promoted", "predict.progress",
