@@ -56,6 +56,12 @@ def s3_storage(settings, s3_server):
 
 
 @pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """PBKDF2 costs ~1 s per user on this CPU; the tests create many users and test no hashing."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def isolated_storage(request, settings, tmp_path):
     """Every test gets empty storage: a temp folder, or (services mode) a fresh S3 bucket."""
     if SERVICES or "s3_storage" in request.fixturenames:

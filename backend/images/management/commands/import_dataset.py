@@ -7,45 +7,54 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from backend.common.errors import KaryoError
-from backend.images.importing import import_folder
+from backend.exports.formats import FORMAT_NAMES
+from backend.images.importing import import_path
 from backend.images.models import AnnotationStatus
 from backend.projects.models import Project
-from backend.projects.services import create_project
 
 
 class Command(BaseCommand):
-    help = "Import images/*.png + masks/*.png (16-bit instance labels) into a project (created if missing)."
+    help = (
+        "Import a data set (folder or zip) into a project, created when missing: the common layout "
+        "(images/*.png + masks/*.png 16-bit instance labels), COCO, PanNuke arrays, Label Studio tasks or "
+        "QuPath GeoJSON. The format is detected when --format is not given. All or nothing."
+    )
 
     def add_arguments(self, parser):
-        parser.add_argument("path", type=Path)
+        parser.add_argument("path", type=Path, help="a data set folder, or a zip of one (e.g. a Karyo export)")
         parser.add_argument("--project", required=True, help="project name (created when it does not exist)")
+        parser.add_argument("--format", choices=FORMAT_NAMES, default=None, help="default: detected")
         parser.add_argument("--status", default="reviewed", choices=[AnnotationStatus.SUBMITTED, AnnotationStatus.REVIEWED])
-        parser.add_argument("--tile-size", type=int, default=256, help="tile size for a new project")
+        parser.add_argument("--tile-size", type=int, default=None,
+                            help="tile size for a new project (default: from a Karyo manifest, else 256)")
         parser.add_argument("--user", default=None, help="author of the imported annotations (username)")
 
-    def handle(self, *args, path: Path, project: str, status: str, tile_size: int, user: str | None, **options):
+    def handle(self, *args, path: Path, project: str, format: str | None, status: str, tile_size: int | None,
+               user: str | None, **options):
         author = None
         if user:
             author = get_user_model().objects.filter(username=user).first()
             if author is None:
                 raise CommandError(f"no user named {user!r}")
         target = Project.objects.filter(name=project).first()
+
+        def progress(done: int, total: int) -> None:
+            width = 30
+            filled = int(width * done / total)
+            sys.stdout.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} images")
+            sys.stdout.flush()
+
         try:
-            if target is None:
-                target = create_project(name=project, created_by=author, tile_size=tile_size)
-                self.stdout.write(f"created project {project!r} (tile size {tile_size})")
-
-            def progress(done: int, total: int) -> None:
-                width = 30
-                filled = int(width * done / total)
-                sys.stdout.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} images")
-                sys.stdout.flush()
-
-            summary = import_folder(project=target, root=path, author=author, status=status, progress=progress)
+            summary = import_path(path=path, project=target, project_name=project, format=format, author=author,
+                                  status=status, tile_size=tile_size, progress=progress)
         except KaryoError as exc:
             raise CommandError(str(exc.detail)) from None
         self.stdout.write("")
+        if summary.created_project:
+            created = Project.objects.get(name=project)
+            classes = ", ".join(c["name"] for c in created.nucleus_classes)
+            self.stdout.write(f"created project {project!r} (tile size {created.tile_size}; classes: {classes})")
         self.stdout.write(self.style.SUCCESS(
-            f"imported {summary.images} images ({summary.duplicates} already present), {summary.tiles} tiles, "
-            f"{summary.annotations} annotations with {summary.nuclei} nuclei into {project!r}"
+            f"imported {summary.images} images ({summary.duplicates} already present) from {summary.format}, "
+            f"{summary.tiles} tiles, {summary.annotations} annotations with {summary.nuclei} nuclei into {project!r}"
         ))
