@@ -15,11 +15,21 @@ from .models import ModelVersion, ProjectEvent, QueueEntry, TrainingRun
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
+    correction_effort = serializers.SerializerMethodField(
+        help_text="What pathologists changed in this version's predictions: shares of nuclei added/redrawn and deleted."
+    )
+
     class Meta:
         model = ModelVersion
         fields = ["id", "project", "version", "architecture", "init_kwargs", "metrics", "training_run", "status",
-                  "status_reason", "created_at", "promoted_at"]
+                  "status_reason", "created_at", "promoted_at", "correction_effort"]
         read_only_fields = fields
+
+    def get_correction_effort(self, obj: ModelVersion) -> dict | None:
+        efforts = self.context.get("efforts")
+        if efforts is None:
+            efforts = services.effort_by_model_version(project=obj.project)
+        return efforts.get(obj.pk)
 
 
 class TrainingRunSerializer(serializers.ModelSerializer):
@@ -65,9 +75,14 @@ class EventSerializer(serializers.ModelSerializer):
 class ModelVersionListView(generics.ListAPIView):
     serializer_class = ModelVersionSerializer
 
+    def get_project(self):
+        return project_for(user=self.request.user, project_id=self.kwargs["project_id"], minimum=Role.VIEWER)
+
     def get_queryset(self):
-        project = project_for(user=self.request.user, project_id=self.kwargs["project_id"], minimum=Role.VIEWER)
-        return ModelVersion.objects.filter(project=project)
+        return ModelVersion.objects.filter(project=self.get_project())
+
+    def get_serializer_context(self):
+        return {**super().get_serializer_context(), "efforts": services.effort_by_model_version(project=self.get_project())}
 
 
 def model_version_for(request, model_version_id: int, minimum: Role) -> ModelVersion:

@@ -127,3 +127,19 @@ class ProjectEvent(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+
+
+class CorrectionEffort(models.Model):
+    """How much a pathologist changed the prediction they were shown (same figures as al_sim)."""
+
+    annotation = models.OneToOneField("images.Annotation", on_delete=models.CASCADE, related_name="effort")
+    prediction = models.ForeignKey(Prediction, on_delete=models.CASCADE, related_name="efforts")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="efforts")
+    n_true = models.PositiveIntegerField()
+    n_pred = models.PositiveIntegerField()
+    n_added = models.PositiveIntegerField()
+    n_redrawn = models.PositiveIntegerField()
+    n_deleted = models.PositiveIntegerField()
+    added_or_redrawn_share = models.FloatField()
+    deleted_share = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)

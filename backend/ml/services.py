@@ -16,7 +16,16 @@ from backend.images.services import accepted_statuses
 from backend.projects.models import Project
 
 from . import events
-from .models import ModelStatus, ModelVersion, ProjectEvent, QueueEntry, RunStatus, TrainingRun
+from .models import (
+    CorrectionEffort,
+    ModelStatus,
+    ModelVersion,
+    Prediction,
+    ProjectEvent,
+    QueueEntry,
+    RunStatus,
+    TrainingRun,
+)
 
 ARCHITECTURES = ("unet", "pgunet_plus", "unet_sharp", "dssnet", "hspnet", "multihead_unet")
 VAL_FRACTION = 0.2
@@ -162,6 +171,8 @@ def maybe_auto_retrain(*, project: Project) -> TrainingRun | None:
 def on_annotation_saved(*, annotation: Annotation) -> None:
     """Called after an annotation version is stored or reviewed: release its lease, maybe retrain."""
     tile = annotation.tile
+    if annotation.status != "draft":
+        record_correction_effort(annotation=annotation)
     if annotation.status in accepted_statuses(tile.project):
         QueueEntry.objects.filter(project=tile.project, tile=tile).delete()
         events.publish(tile.project_id, "queue.changed", tile=tile.pk, reason="annotated")
@@ -170,6 +181,47 @@ def on_annotation_saved(*, annotation: Annotation) -> None:
         QueueEntry.objects.filter(project=tile.project, tile=tile, leased_by_id=annotation.author_id).update(
             leased_by=None, lease_expires_at=None
         )
+
+
+def record_correction_effort(*, annotation: Annotation) -> CorrectionEffort | None:
+    """Compare a stored correction with the prediction its author was shown (the one it names,
+    else the newest prediction of the tile made before it) and keep the effort figures."""
+    from backend.common.storage import read_label_map
+    from ml_worker.active_learning import correction_effort
+
+    if CorrectionEffort.objects.filter(annotation=annotation).exists() or annotation.source == "imported":
+        return None
+    prediction = annotation.prediction or (
+        Prediction.objects.filter(tile=annotation.tile, created_at__lte=annotation.created_at)
+        .select_related("model_version").order_by("-created_at").first()
+    )
+    if prediction is None:
+        return None
+    effort = correction_effort(read_label_map(prediction.mask.name), read_label_map(annotation.mask.name))
+    return CorrectionEffort.objects.create(
+        annotation=annotation, prediction=prediction, model_version=prediction.model_version,
+        n_true=effort["n_true"], n_pred=effort["n_pred"], n_added=effort["n_added"], n_redrawn=effort["n_redrawn"],
+        n_deleted=effort["n_deleted"], added_or_redrawn_share=effort["added_or_redrawn_share"],
+        deleted_share=effort["deleted_share"],
+    )
+
+
+def effort_by_model_version(*, project: Project) -> dict[int, dict[str, float]]:
+    """Per model version: nuclei-weighted shares over every correction of its predictions."""
+    from django.db.models import Count, Sum
+
+    rows = CorrectionEffort.objects.filter(model_version__project=project).values("model_version").annotate(
+        corrections=Count("id"), n_true=Sum("n_true"), n_pred=Sum("n_pred"), n_added=Sum("n_added"),
+        n_redrawn=Sum("n_redrawn"), n_deleted=Sum("n_deleted"),
+    )
+    return {
+        r["model_version"]: {
+            "corrections": r["corrections"],
+            "added_or_redrawn_share": (r["n_added"] + r["n_redrawn"]) / r["n_true"] if r["n_true"] else 0.0,
+            "deleted_share": r["n_deleted"] / r["n_pred"] if r["n_pred"] else 0.0,
+        }
+        for r in rows
+    }
 
 
 # --- model versions --------------------------------------------------------------------------

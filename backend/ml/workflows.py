@@ -212,6 +212,27 @@ def run_training(*, run_id: int, task_id: str = "") -> str:
         return "failed"
 
 
+def uncertainty_name(mask_name: str) -> str:
+    """Storage name of a prediction's per-pixel uncertainty map (8-bit PNG, 255 = most uncertain)."""
+    return mask_name[: -len(".png")] + "-uncertainty.png" if mask_name.endswith(".png") else mask_name + "-uncertainty.png"
+
+
+def uncertainty_png(analysis) -> bytes | None:
+    """The normalised per-pixel class entropy of the prediction, as an 8-bit grayscale PNG."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from ml_worker.active_learning.scores import pixel_entropy
+
+    if getattr(analysis, "probs", None) is None:
+        return None
+    entropy = pixel_entropy(analysis.probs, analysis.kind)
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.round(entropy * 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int] | None = None) -> int:
     from ml_worker.active_learning import analyze_tile
 
@@ -231,9 +252,13 @@ def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int
             mc_samples=8 if project.al_strategy == "mc_dropout" else 0, tta=expensive and project.al_strategy == "tta",
         )
         png = encode_png(analysis.instances)
+        heat = uncertainty_png(analysis)
         try:
             with StagedWrites() as staged, transaction.atomic():
                 name = staged.save(f"predictions/{model_version.pk}/{tile.pk}.png", png)
+                if heat is not None:
+                    # Next to the mask, by name: the browser's queue shows it as a heat map.
+                    staged.save(uncertainty_name(name), heat)
                 Prediction.objects.create(
                     tile=tile, model_version=model_version, mask=name, nucleus_count=int(analysis.nucleus_count),
                     uncertainty={k: float(v) for k, v in analysis.scores.items()},

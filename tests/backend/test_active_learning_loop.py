@@ -193,6 +193,11 @@ def test_the_loop_trains_predicts_ranks_retrains_and_streams_progress(loop_proje
     submit_truth(ann1, results["ann1"], truths[results["ann1"]])
     submit_truth(ann2, results["ann2"], truths[results["ann2"]])
     submit_truth(ann1, seed_tiles[2], truths[seed_tiles[2]])
+    submitted_at = time.monotonic()
+    # Each correction of a v1 prediction records what the pathologist had to change.
+    efforts = client_for(admin).get(f"/api/projects/{project.pk}/model-versions/").json()["results"]
+    effort_v1 = next(v for v in efforts if v["id"] == v1.pk)["correction_effort"]
+    assert effort_v1["corrections"] == 3 and 0.0 <= effort_v1["added_or_redrawn_share"] <= 1.0
     auto = wait_until(lambda: TrainingRun.objects.filter(project=project, trigger="auto").first(), 30, "an automatic run")
     run2 = wait_until(lambda: TrainingRun.objects.filter(pk=auto.pk).exclude(status__in=["queued", "running"]).first(),
                       what="the automatic run", worker=worker)
@@ -203,6 +208,7 @@ def test_the_loop_trains_predicts_ranks_retrains_and_streams_progress(loop_proje
     assert v2.metrics["active_at_gating"] is not None  # the active model was re-measured on the frozen split
     if v2.status == ModelStatus.ACTIVE:
         wait_until(lambda: QueueEntry.objects.filter(project=project, model_version=v2).exists(), what="re-rank", worker=worker)
+        print(f"submitted annotation -> re-ranked queue by the new model: {time.monotonic() - submitted_at:.1f} s")
     else:
         assert v2.status == ModelStatus.CANDIDATE and "kept as candidate" in v2.status_reason
         # An admin can promote it by hand; that re-predicts and re-ranks too.
