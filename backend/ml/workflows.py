@@ -298,7 +298,12 @@ def run_ranking(*, project_id: int, strategy: str | None = None, batch_size: int
                  seed=seed, labelled_embeddings=labelled_embeddings) if ranked_ids else []
     key = {"hybrid": "entropy", "random": "entropy"}.get(strategy, strategy)
     ordered = [(ranked_ids[i], float(scores[i].get(key, 0.0))) for i in order] + [(t, 0.0) for t in missing]
-    count = replace_queue(project=project, ordered=ordered, strategy=strategy, model_version=active)
+    with transaction.atomic():
+        count = replace_queue(project=project, ordered=ordered, strategy=strategy, model_version=active)
+        # Label Studio shows the same order (its prediction scores); a no-op when it is not configured.
+        from backend.labelstudio.services import schedule_push
+
+        schedule_push(project=project)
     events.publish(project_id, "queue.ranked", strategy=strategy, size=count, model_version=active.pk,
                    top=[t for t, _ in ordered[:5]])
     return count
