@@ -1,0 +1,709 @@
+"""Active-learning simulation benchmark: ``python -m ml_worker.al_sim``.
+
+An oracle annotator (the ground-truth masks) labels tiles chosen by each strategy; the
+benchmark measures how fast segmentation quality grows with the number of labelled tiles
+and how much the annotator had to correct.
+
+Protocol (per seed, identical for every strategy):
+
+1. A fixed set of **held-out images** (image-level split, ``--held-out`` images chosen with
+   ``--split-seed``, the same for every seed and strategy) is only used for evaluation.
+   The other images are cut into disjoint ``--tile`` x ``--tile`` **pool tiles** (cut by
+   image, so no held-out pixel ever reaches the pool).
+2. A random **seed set** of ``--init`` pool tiles is labelled and a model is trained from
+   scratch on it (``--init-epochs`` epochs) — shared by all strategies of that seed.
+3. For ``--rounds`` rounds: the current model analyses the unlabelled pool
+   (``ml_worker.active_learning.analyze_tile``: one prediction, scores, embedding), the
+   strategy ranks it (``rank``, with the labelled tiles' embeddings as k-center centres),
+   the oracle labels the next ``--batch`` tiles, the model **warm-starts** from the
+   previous round's weights and trains ``--epochs-per-round`` more epochs on all labelled
+   tiles, and is evaluated (Dice, AJI, ... on the held-out images).
+   Warm start uses ``ml_worker.training``'s resume: round r continues the previous round's
+   ``last.pt`` (weights and optimizer state) with one more epoch budget.
+4. The **correction effort** of each round is measured on the batch just labelled, with the
+   predictions the model made on those tiles *before* they were labelled
+   (``active_learning.effort.correction_effort``: share of true nuclei added or redrawn at
+   IoU < 0.7, share of predicted nuclei deleted).
+5. A **full-data** model trained from scratch on every pool tile with the same training
+   budget (``init_epochs + rounds * epochs_per_round`` epochs of ``--epoch-patches``
+   patches) gives the reference Dice; the benchmark reports the labelled tiles each
+   strategy needs to reach 95 % of it (on the mean curve over seeds; "not reached" when it
+   does not), the area under the learning curves (normalised by the x range: the mean
+   Dice / AJI over the budget), and everything per seed in JSON.
+
+Outputs: a table on stdout, ``OUT/al_sim.json`` and ``OUT/al_sim.png`` (learning curves with
+±std bands, effort per round). Every number is measured in the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_worker.active_learning import (
+    STRATEGIES,
+    aggregate_effort,
+    analyze_tiles,
+    correction_effort,
+    embed_tile,
+    get_strategy,
+    rank,
+)
+from ml_worker.data import DataError, Sample, load_folder, split_by_image
+
+__all__ = ["SimConfig", "QUICK", "cut_tiles", "run_simulation", "summarize", "format_report", "plot", "main"]
+
+TARGET_FRACTION = 0.95
+
+
+# ============================================================================ config
+@dataclass
+class SimConfig:
+    """Simulation settings (stored in the JSON).
+
+    Attributes:
+        data: dataset folder (common layout).
+        strategies: names in ``ml_worker.active_learning.STRATEGIES``.
+        rounds: acquisition rounds after the seed set.
+        batch: tiles labelled per round.
+        init: seed-set size (default: ``batch``).
+        seeds: repetitions (seed set, model init, patch sampling and ``random`` differ).
+        tile: pool tile side (px); images are cut into disjoint tiles of this size.
+        held_out: number of held-out images (int >= 1) or a fraction of the images (< 1).
+        split_seed: seed of the held-out split (fixed across seeds).
+        arch, width, model_kwargs: model (``width`` goes into the model kwargs; ``unet``
+            also gets ``depth``).
+        depth: U-Net depth.
+        patch: training patch side (random crops of the labelled tiles).
+        train_batch: patches per optimizer step.
+        epoch_patches: patches per training epoch (the unit of the training budget).
+        init_epochs: epochs from scratch on the seed set.
+        epochs_per_round: epochs added per round (warm start).
+        lr, optimizer, loss: optimisation (``ml_worker.training``; SGD with Nesterov
+            momentum was the most stable on CPM-15 for these short schedules).
+        augment: augmentation preset.
+        eval_tile: inference tile on the held-out images.
+        pool_limit: analyse at most this many (random) unlabelled tiles per round.
+        mc_samples: MC-dropout passes (only when ``mc_dropout`` is simulated).
+        cost_alpha: > 0 passes the predicted nucleus counts as costs to ``hybrid*``.
+        bn_recalibration: recompute BatchNorm statistics on the labelled tiles after each
+            training (:func:`recalibrate_batchnorm`) before predicting / evaluating.
+        device: ``auto`` / ``cpu`` / ``cuda``.
+        threads: torch CPU threads; 1 by default because on shared CPUs more OpenMP
+            threads are several times *slower* (measured 0.13 s vs 0.55 s per step); None
+            = torch's default.
+    """
+
+    data: str = ""
+    strategies: list[str] = field(default_factory=lambda: ["hybrid", "entropy", "random"])
+    rounds: int = 6
+    batch: int = 8
+    init: int | None = None
+    seeds: int = 3
+    tile: int = 64
+    held_out: float = 4
+    split_seed: int = 0
+    arch: str = "unet"
+    width: int = 8
+    depth: int = 3
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    patch: int = 64
+    train_batch: int = 8
+    epoch_patches: int = 128
+    init_epochs: int = 3
+    epochs_per_round: int = 1
+    lr: float = 1e-2
+    optimizer: str = "sgd"
+    loss: str | None = None
+    augment: str = "light"
+    eval_tile: int = 256
+    pool_limit: int | None = None
+    mc_samples: int = 4
+    cost_alpha: float = 0.0
+    bn_recalibration: bool = True
+    device: str = "auto"
+    threads: int | None = 1
+    quick: bool = False
+
+    def validate(self) -> None:
+        if not self.strategies:
+            raise ValueError("no strategy given")
+        for s in self.strategies:
+            get_strategy(s)  # ValueError listing the known names
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ValueError("a strategy is listed twice")
+        for name in ("rounds", "batch", "seeds", "tile", "patch", "train_batch", "epoch_patches",
+                     "init_epochs", "epochs_per_round", "eval_tile"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.init is not None and self.init < 1:
+            raise ValueError("init must be >= 1")
+        if self.held_out <= 0:
+            raise ValueError("held_out must be > 0 (a count, or a fraction < 1)")
+
+    @property
+    def n_init(self) -> int:
+        return int(self.init or self.batch)
+
+    @property
+    def total_epochs(self) -> int:
+        return int(self.init_epochs + self.rounds * self.epochs_per_round)
+
+    def model_config(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"width": int(self.width)}
+        if self.arch in ("unet", "multihead_unet"):
+            kw["depth"] = int(self.depth)
+        if self.arch == "dssnet":  # a narrow DSSNet: every stage scaled with width
+            w = int(self.width)
+            kw.update(feature_channels=2 * w, expand_channels=2 * w, num_blocks=2, decoder_channels=2 * w,
+                      sr_channels=w, sr_blocks=1)
+        kw.update(self.model_kwargs)
+        return kw
+
+
+#: overrides of ``--quick`` (CPU, < 15 min for three strategies)
+QUICK: dict[str, Any] = dict(rounds=6, batch=4, init=4, seeds=2, tile=64, patch=64, epoch_patches=128,
+                             init_epochs=3, epochs_per_round=1, eval_tile=256, held_out=3, pool_limit=400)
+
+
+# ============================================================================ data
+def cut_tiles(samples: Sequence[Sample], tile: int) -> list[Sample]:
+    """Disjoint ``tile`` x ``tile`` tiles of every image (row-major; the remainder along
+    the right / bottom edge is dropped). An image smaller than a tile along a side gives one
+    tile of its own size along that side. Names: ``IMAGE@y,x``."""
+    out: list[Sample] = []
+    for s in samples:
+        H, W = s.shape
+        th, tw = min(tile, H), min(tile, W)
+        for y in range(0, H - th + 1, th):
+            for x in range(0, W - tw + 1, tw):
+                out.append(Sample(f"{s.name}@{y},{x}", np.ascontiguousarray(s.image[y : y + th, x : x + tw]),
+                                  np.ascontiguousarray(s.instances[y : y + th, x : x + tw])))
+    return out
+
+
+def _split(samples: list[Sample], cfg: SimConfig) -> tuple[list[Sample], list[Sample]]:
+    n = len(samples)
+    if n < 2:
+        raise DataError("the simulation needs at least 2 images (held-out images + pool)")
+    n_held = int(round(cfg.held_out * n)) if cfg.held_out < 1 else int(cfg.held_out)
+    n_held = min(max(1, n_held), n - 1)
+    pool, held = split_by_image(samples, n_held / n, seed=cfg.split_seed)
+    if len(held) != n_held:  # split_by_image rounds the fraction; make it exact
+        perm = np.random.default_rng(cfg.split_seed).permutation(n)
+        hid = set(perm[:n_held].tolist())
+        pool = [s for i, s in enumerate(samples) if i not in hid]
+        held = [s for i, s in enumerate(samples) if i in hid]
+    return pool, held
+
+
+# ============================================================================ training
+def recalibrate_batchnorm(
+    model: Any, samples: Sequence[Sample], size: int, *, normalizer: Any = None, n_patches: int = 64,
+    batch_size: int = 16, seed: int = 0, device: str | None = None,
+) -> bool:
+    """Recompute every BatchNorm's running mean / variance with the final weights
+    ("precise BN"): cumulative averages over ``n_patches`` un-augmented ``size`` patches of
+    ``samples``, forward passes in train mode without gradients; the model is left in eval
+    mode. Returns False (and does nothing) for a model without BatchNorm.
+
+    Why: the running statistics are exponential averages collected while the weights were
+    still moving; after a short training (a few dozen steps per round) they lag behind and
+    the eval-mode predictions swing from epoch to epoch (measured on CPM-15: held-out Dice
+    0.82 -> 0.64 -> 0.82 across consecutive epochs without recalibration; 0.80-0.82 with).
+    """
+    import torch
+
+    from ml_worker.data import PatchDataset
+    from ml_worker.inference import pick_device
+
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or not samples:
+        return False
+    dev = pick_device(device)
+    model.to(dev)
+    ds = PatchDataset(list(samples), tile_size=int(size), augment=None, normalizer=normalizer,
+                      length=int(n_patches), seed=int(seed))
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    try:
+        with torch.no_grad():
+            for b in range(0, len(ds), batch_size):
+                x = torch.stack([ds[i]["image"] for i in range(b, min(b + batch_size, len(ds)))])
+                if x.shape[0] < 2:
+                    break
+                model(x.to(dev))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.eval()
+    return True
+
+
+class _Trainer:
+    """Train / warm-start / evaluate through ``ml_worker.training`` (imported lazily)."""
+
+    def __init__(self, cfg: SimConfig, work: Path, held_out: list[Sample]) -> None:
+        from ml_worker import training
+
+        self.t = training
+        self.cfg = cfg
+        self.work = work
+        self.held_out = held_out
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
+
+    def train(self, samples: list[Sample], out_dir: Path, epochs: int, seed: int,
+              resume: str | None = None) -> str:
+        c = self.cfg
+        tc = self.t.TrainConfig(
+            arch=c.arch, model_kwargs=c.model_config(), epochs=int(epochs), batch_size=c.train_batch,
+            lr=c.lr, optimizer=c.optimizer, loss=c.loss, tile_size=c.patch, steps_per_epoch=c.epoch_patches, seed=int(seed),
+            augment=c.augment, early_stopping_patience=None, device=c.device, val_fraction=0.0,
+            resume=resume, out_dir=str(out_dir),
+        )
+        t0 = time.perf_counter()
+        res = self.t.train(tc, samples, [])
+        self.train_seconds += time.perf_counter() - t0
+        if res.status != "completed" or not res.last_path:
+            raise RuntimeError(f"training ended with status {res.status!r}")
+        return res.last_path
+
+    def load(self, ckpt: str, samples: Sequence[Sample] | None = None, seed: int = 0) -> tuple[Any, Any]:
+        """The model of ``ckpt`` for inference, BatchNorm statistics recalibrated on
+        ``samples`` (the labelled tiles) when given and ``bn_recalibration`` is on."""
+        model, norm, _ = self.t.load_for_inference(ckpt)
+        if samples and self.cfg.bn_recalibration:
+            t0 = time.perf_counter()
+            recalibrate_batchnorm(model, samples, self.cfg.tile, normalizer=norm, seed=seed,
+                                  device=self._device())
+            self.train_seconds += time.perf_counter() - t0
+        return model, norm
+
+    def evaluate(self, model: Any, norm: Any) -> dict[str, float]:
+        t0 = time.perf_counter()
+        mean, _ = self.t.evaluate_samples(model, self.held_out, tile_size=self.cfg.eval_tile, batch_size=8,
+                                          device=self._device(), normalizer=norm)
+        self.eval_seconds += time.perf_counter() - t0
+        return mean
+
+    def _device(self) -> str | None:
+        return None if self.cfg.device in ("", "auto") else self.cfg.device
+
+
+# ============================================================================ simulation
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _count(inst: np.ndarray) -> int:
+    return int(np.count_nonzero(np.unique(inst)))
+
+
+def _metrics_subset(m: dict[str, float]) -> dict[str, float]:
+    return {k: float(m[k]) for k in ("dice", "aji", "pq", "dsb_map", "object_f1") if k in m}
+
+
+def _run_strategy(
+    name: str, seed: int, cfg: SimConfig, pool: list[Sample], init_idx: list[int], round0_ckpt: str,
+    round0_metrics: dict[str, float], trainer: _Trainer, work: Path,
+) -> dict[str, Any]:
+    strat = get_strategy(name)
+    need = set(strat.required_scores)
+    mc = cfg.mc_samples if "mc_dropout" in need else 0
+    tta = "tta" in need
+    analyse_pool = bool(need) or strat.needs_embeddings
+    device = trainer._device()
+    rng = np.random.default_rng((seed, 7))
+    labelled = list(init_idx)
+    curve = {"labelled": [len(labelled)], "nuclei_labelled": [sum(_count(pool[i].instances) for i in labelled)],
+             "metrics": [round0_metrics]}
+    efforts: list[dict[str, float]] = []
+    selected: list[list[str]] = []
+    ckpt = round0_ckpt
+    out_dir = work / f"seed{seed}" / name
+    t_analysis = 0.0
+    model, norm = trainer.load(ckpt, [pool[i] for i in labelled], seed)
+    for r in range(1, cfg.rounds + 1):
+        unl = [i for i in range(len(pool)) if i not in set(labelled)]
+        if not unl:
+            break
+        cand = unl
+        if cfg.pool_limit and len(unl) > cfg.pool_limit:
+            cand = sorted(rng.choice(unl, cfg.pool_limit, replace=False).tolist())
+        k = min(cfg.batch, len(cand))
+        t0 = time.perf_counter()
+        preds: dict[int, np.ndarray] = {}
+        if analyse_pool:
+            analyses = analyze_tiles(model, [pool[i].image for i in cand], normalizer=norm, tile_size=cfg.tile,
+                                     overlap=0, batch_size=32, device=device, mc_samples=mc, tta=tta,
+                                     seed=seed * 1000 + r)
+            for i, a in zip(cand, analyses):
+                a.probs = None
+                preds[i] = a.instances
+            emb = np.stack([a.embedding for a in analyses])
+            lab_emb = None
+            if strat.needs_embeddings and labelled:
+                lab_emb = np.stack([embed_tile(model, pool[i].image, normalizer=norm, tile_size=cfg.tile,
+                                               device=device) for i in labelled])
+            costs = np.array([a.nucleus_count for a in analyses], float) if cfg.cost_alpha > 0 else None
+            opts = {"cost_alpha": cfg.cost_alpha} if costs is not None and strat.needs_embeddings else {}
+            order = rank(name, [a.scores for a in analyses], embeddings=emb, costs=costs, k=k,
+                         seed=seed * 1000 + r, labelled_embeddings=lab_emb, **opts)
+        else:
+            order = rank(name, [{} for _ in cand], k=k, seed=seed * 1000 + r)
+        batch = [cand[j] for j in order[:k]]
+        todo = [i for i in batch if i not in preds]  # predictions shown to the annotator (random)
+        for i, a in zip(todo, analyze_tiles(model, [pool[i].image for i in todo], normalizer=norm,
+                                            tile_size=cfg.tile, overlap=0, batch_size=32, device=device)):
+            preds[i] = a.instances
+        t_analysis += time.perf_counter() - t0
+        eff = aggregate_effort(correction_effort(preds[i], pool[i].instances) for i in batch)
+        efforts.append(eff)
+        selected.append([pool[i].name for i in batch])
+        labelled += batch
+        ckpt = trainer.train([pool[i] for i in labelled], out_dir, cfg.init_epochs + r * cfg.epochs_per_round,
+                             seed, resume=ckpt)
+        model, norm = trainer.load(ckpt, [pool[i] for i in labelled], seed)
+        m = _metrics_subset(trainer.evaluate(model, norm))
+        curve["labelled"].append(len(labelled))
+        curve["nuclei_labelled"].append(curve["nuclei_labelled"][-1] + int(eff["n_true"]))
+        curve["metrics"].append(m)
+        _log(f"  [{name} seed {seed}] round {r}: {len(labelled)} tiles, dice {m['dice']:.3f} aji {m['aji']:.3f}, "
+             f"effort added/redrawn {eff['added_or_redrawn_share']:.2f} deleted {eff['deleted_share']:.2f}")
+    return {
+        "seed": seed,
+        "labelled": curve["labelled"],
+        "nuclei_labelled": curve["nuclei_labelled"],
+        "dice": [m["dice"] for m in curve["metrics"]],
+        "aji": [m["aji"] for m in curve["metrics"]],
+        "metrics": curve["metrics"],
+        "effort": efforts,
+        "selected": selected,
+        "analysis_seconds": t_analysis,
+    }
+
+
+def run_simulation(cfg: SimConfig, work_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the whole benchmark (see module docstring) and return the JSON-able results
+    (raw per-seed curves plus :func:`summarize`)."""
+    import torch
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    t_start = time.perf_counter()
+    samples = load_folder(cfg.data)
+    pool_images, held_out = _split(samples, cfg)
+    pool = cut_tiles(pool_images, cfg.tile)
+    if len(pool) < cfg.n_init + cfg.batch:
+        raise DataError(f"only {len(pool)} pool tiles of {cfg.tile}px: need at least init + batch = "
+                        f"{cfg.n_init + cfg.batch}")
+    _log(f"al_sim: {len(samples)} images -> {len(held_out)} held out ({', '.join(s.name for s in held_out)}), "
+         f"{len(pool)} pool tiles of {cfg.tile}px from {len(pool_images)} images; strategies "
+         f"{', '.join(cfg.strategies)}; {cfg.seeds} seed(s), {cfg.rounds} rounds of {cfg.batch}")
+    tmp = tempfile.TemporaryDirectory(prefix="al_sim_") if work_dir is None else None
+    work = Path(tmp.name if tmp is not None else work_dir)  # type: ignore[arg-type]
+    trainer = _Trainer(cfg, work, held_out)
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in cfg.strategies}
+    full: list[dict[str, float]] = []
+    timing: dict[str, float] = {s: 0.0 for s in cfg.strategies}
+    try:
+        for seed in range(cfg.seeds):
+            rng = np.random.default_rng(seed)
+            init_idx = sorted(rng.choice(len(pool), cfg.n_init, replace=False).tolist())
+            t0 = time.perf_counter()
+            ckpt0 = trainer.train([pool[i] for i in init_idx], work / f"seed{seed}" / "round0", cfg.init_epochs, seed)
+            m0 = _metrics_subset(trainer.evaluate(*trainer.load(ckpt0, [pool[i] for i in init_idx], seed)))
+            t_round0 = time.perf_counter() - t0
+            _log(f"seed {seed}: seed set of {len(init_idx)} tiles -> dice {m0['dice']:.3f} aji {m0['aji']:.3f} "
+                 f"({t_round0:.0f}s)")
+            for name in cfg.strategies:
+                t0 = time.perf_counter()
+                runs[name].append(_run_strategy(name, seed, cfg, pool, init_idx, ckpt0, m0, trainer, work))
+                timing[name] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ckpt_full = trainer.train(pool, work / f"seed{seed}" / "full", cfg.total_epochs, seed)
+            mf = _metrics_subset(trainer.evaluate(*trainer.load(ckpt_full, pool, seed)))
+            full.append(mf)
+            _log(f"seed {seed}: full data ({len(pool)} tiles, {cfg.total_epochs} epochs) -> dice {mf['dice']:.3f} "
+                 f"aji {mf['aji']:.3f} ({time.perf_counter() - t0:.0f}s)")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    results: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "dataset": {
+            "images": len(samples), "held_out": [s.name for s in held_out],
+            "pool_images": [s.name for s in pool_images], "pool_tiles": len(pool), "tile": cfg.tile,
+            "pool_nuclei": int(sum(_count(t.instances) for t in pool)),
+        },
+        "full_data": full,
+        "runs": runs,
+        "timing_s": {"total": time.perf_counter() - t_start, "train": trainer.train_seconds,
+                     "evaluate": trainer.eval_seconds, "per_strategy": timing},
+    }
+    results["summary"] = summarize(results)
+    return results
+
+
+# ============================================================================ summary
+def _auc(x: Sequence[float], y: Sequence[float]) -> float:
+    """Area under y(x) divided by the x range (the mean of y over the budget)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.size < 2 or x[-1] == x[0]:
+        return float(y[0]) if y.size else float("nan")
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2.0 / (x[-1] - x[0]))
+
+
+def _first_reaching(x: Sequence[float], y: Sequence[float], target: float) -> int | None:
+    for xi, yi in zip(x, y):
+        if yi >= target:
+            return int(xi)
+    return None
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Mean / std curves, AUCs, labels to reach 95 % of the full-data Dice and effort
+    per round, per strategy, from the raw runs."""
+    full_dice = np.array([f["dice"] for f in results["full_data"]], float)
+    full_aji = np.array([f["aji"] for f in results["full_data"]], float)
+    target = TARGET_FRACTION * float(full_dice.mean())
+    out: dict[str, Any] = {
+        "full_dice_mean": float(full_dice.mean()), "full_dice_std": float(full_dice.std()),
+        "full_aji_mean": float(full_aji.mean()), "full_aji_std": float(full_aji.std()),
+        "target_fraction": TARGET_FRACTION, "target_dice": target, "strategies": {},
+    }
+    for name, runs in results["runs"].items():
+        n = min(len(r["dice"]) for r in runs)
+        x = runs[0]["labelled"][:n]
+        dice = np.array([r["dice"][:n] for r in runs], float)
+        aji = np.array([r["aji"][:n] for r in runs], float)
+        nuclei = np.array([r["nuclei_labelled"][:n] for r in runs], float)
+        auc_d = np.array([_auc(x, d) for d in dice])
+        auc_a = np.array([_auc(x, a) for a in aji])
+        n_eff = min(len(r["effort"]) for r in runs)
+        eff_keys = ("added_or_redrawn_share", "deleted_share", "added_share", "redrawn_share", "n_true", "n_pred")
+        eff = {k: np.array([[r["effort"][i][k] for i in range(n_eff)] for r in runs], float) for k in eff_keys}
+        per_seed_95 = [_first_reaching(x, d, TARGET_FRACTION * float(fd)) for d, fd in
+                       zip(dice, full_dice if full_dice.size == dice.shape[0] else np.full(dice.shape[0], full_dice.mean()))]
+        out["strategies"][name] = {
+            "labelled": [int(v) for v in x],
+            "dice_mean": dice.mean(0).tolist(), "dice_std": dice.std(0).tolist(),
+            "aji_mean": aji.mean(0).tolist(), "aji_std": aji.std(0).tolist(),
+            "nuclei_labelled_mean": nuclei.mean(0).tolist(),
+            "auc_dice_mean": float(auc_d.mean()), "auc_dice_std": float(auc_d.std()),
+            "auc_aji_mean": float(auc_a.mean()), "auc_aji_std": float(auc_a.std()),
+            "labels_to_target": _first_reaching(x, dice.mean(0), target),
+            "labels_to_target_per_seed": per_seed_95,
+            "effort_rounds": list(range(1, n_eff + 1)),
+            **{f"effort_{k}_mean": v.mean(0).tolist() for k, v in eff.items()},
+            **{f"effort_{k}_std": v.std(0).tolist() for k, v in eff.items() if k.endswith("share")},
+            "effort_added_or_redrawn_overall": float(eff["added_or_redrawn_share"].mean()) if n_eff else None,
+            "effort_deleted_overall": float(eff["deleted_share"].mean()) if n_eff else None,
+        }
+    # the headline comparison: default strategy vs random
+    if "random" in out["strategies"]:
+        rnd = out["strategies"]["random"]
+        max_x = rnd["labelled"][-1]
+        for name, s in out["strategies"].items():
+            if name == "random":
+                continue
+            a, b = s["labels_to_target"], rnd["labels_to_target"]
+            if a is not None and b is not None:
+                s["vs_random"] = {"ratio": a / b, "text": f"{a}/{b} = {a / b:.2f} of random's labels"}
+            elif a is not None:
+                s["vs_random"] = {"ratio_upper_bound": a / max_x,
+                                  "text": f"random not reached within {max_x}: ratio < {a / max_x:.2f}"}
+            else:
+                s["vs_random"] = {"text": "not reached" if b is not None else "neither reached the target"}
+    return out
+
+
+def _pm(m: float, s: float, nd: int = 3) -> str:
+    return f"{m:.{nd}f}±{s:.{nd}f}"
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """The printed table."""
+    s = results["summary"]
+    cfg, ds = results["config"], results["dataset"]
+    lines = [
+        f"AL simulation — {Path(cfg['data']).name}: {ds['pool_tiles']} pool tiles of {ds['tile']}px "
+        f"({ds['pool_nuclei']} nuclei) from {len(ds['pool_images'])} images; held out: {', '.join(ds['held_out'])}",
+        f"model {cfg['arch']} width {cfg['width']}; seed set {cfg['init'] or cfg['batch']}, {cfg['rounds']} rounds of "
+        f"{cfg['batch']}; {cfg['seeds']} seed(s) (mean ± std); train {cfg['init_epochs']}+{cfg['epochs_per_round']}/round "
+        f"epochs of {cfg['epoch_patches']} patches {cfg['patch']}px, warm start",
+        f"full data (all {ds['pool_tiles']} tiles, {cfg['init_epochs'] + cfg['rounds'] * cfg['epochs_per_round']} "
+        f"epochs): Dice {_pm(s['full_dice_mean'], s['full_dice_std'])}, AJI {_pm(s['full_aji_mean'], s['full_aji_std'])}"
+        f"; target 95% Dice = {s['target_dice']:.3f}",
+    ]
+    names = list(s["strategies"])
+    w = max(10, *(len(n) for n in names)) + 1
+    for metric in ("dice", "aji"):
+        xs = s["strategies"][names[0]]["labelled"]
+        lines.append("")
+        lines.append(f"{metric.upper()} on held-out images vs labelled tiles")
+        lines.append("labelled".ljust(w) + "".join(f"{x:>14d}" for x in xs))
+        for n in names:
+            st = s["strategies"][n]
+            lines.append(n.ljust(w) + "".join(f"{_pm(m, d):>14s}" for m, d in zip(st[f"{metric}_mean"], st[f"{metric}_std"])))
+    lines.append("")
+    lines.append("strategy".ljust(w) + f"{'AUC Dice':>14s}{'AUC AJI':>14s}{'tiles->95%':>12s}{'nuclei lab.':>12s}  vs random")
+    for n in names:
+        st = s["strategies"][n]
+        reach = st["labels_to_target"]
+        reach_s = str(reach) if reach is not None else "not reached"
+        vs = st.get("vs_random", {}).get("text", "")
+        lines.append(n.ljust(w) + f"{_pm(st['auc_dice_mean'], st['auc_dice_std']):>14s}"
+                     f"{_pm(st['auc_aji_mean'], st['auc_aji_std']):>14s}{reach_s:>12s}"
+                     f"{st['nuclei_labelled_mean'][-1]:>12.0f}  {vs}")
+    lines.append("")
+    lines.append("correction effort on each round's batch, predictions before labelling "
+                 "(added-or-redrawn share of true nuclei / deleted share of predicted nuclei)")
+    rounds = s["strategies"][names[0]]["effort_rounds"]
+    lines.append("round".ljust(w) + "".join(f"{r:>14d}" for r in rounds) + f"{'mean':>14s}")
+    for n in names:
+        st = s["strategies"][n]
+        cells = [f"{a:.2f}/{d:.2f}" for a, d in zip(st["effort_added_or_redrawn_share_mean"],
+                                                    st["effort_deleted_share_mean"])]
+        mean = (f"{st['effort_added_or_redrawn_overall']:.2f}/{st['effort_deleted_overall']:.2f}"
+                if st["effort_added_or_redrawn_overall"] is not None else "-")
+        lines.append(n.ljust(w) + "".join(f"{c:>14s}" for c in cells) + f"{mean:>14s}")
+    t = results["timing_s"]
+    lines.append("")
+    lines.append(f"time: total {t['total']:.0f}s (training {t['train']:.0f}s, evaluation {t['evaluate']:.0f}s)")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: str | Path) -> None:
+    """Learning curves (Dice, AJI; mean ± std bands) and effort per round, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = results["summary"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ci, (name, st) in enumerate(s["strategies"].items()):
+        c = colors[ci % len(colors)]
+        x = np.array(st["labelled"])
+        for ax, metric in ((axes[0], "dice"), (axes[1], "aji")):
+            m, d = np.array(st[f"{metric}_mean"]), np.array(st[f"{metric}_std"])
+            ax.plot(x, m, "-o", color=c, label=name, ms=4)
+            ax.fill_between(x, m - d, m + d, color=c, alpha=0.18)
+        r = np.array(st["effort_rounds"])
+        if r.size:
+            axes[2].plot(r, st["effort_added_or_redrawn_share_mean"], "-o", color=c, ms=4,
+                         label=f"{name}: added/redrawn")
+            axes[2].plot(r, st["effort_deleted_share_mean"], "--s", color=c, ms=4, label=f"{name}: deleted")
+    axes[0].axhline(s["full_dice_mean"], color="k", lw=1, label="full data")
+    axes[0].axhline(s["target_dice"], color="k", lw=1, ls=":", label="95% of full")
+    axes[1].axhline(s["full_aji_mean"], color="k", lw=1, label="full data")
+    axes[0].set(title="Dice (held-out images)", xlabel="labelled tiles", ylabel="Dice")
+    axes[1].set(title="AJI (held-out images)", xlabel="labelled tiles", ylabel="AJI")
+    axes[2].set(title="Correction effort on the batch just labelled", xlabel="round", ylabel="share",
+                ylim=(0, 1.02))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    cfg = results["config"]
+    fig.suptitle(f"AL simulation: {Path(cfg['data']).name}, {cfg['arch']} w{cfg['width']}, "
+                 f"{cfg['seeds']} seed(s), batch {cfg['batch']}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ============================================================================ CLI
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ml_worker.al_sim", description=__doc__.split("\n\n")[0])
+    d = SimConfig()
+    p.add_argument("--data", required=True, help="dataset folder (DIR/images, DIR/masks)")
+    p.add_argument("--strategy", default="hybrid,entropy,random",
+                   help=f"comma-separated strategies ({', '.join(sorted(STRATEGIES))})")
+    p.add_argument("--rounds", type=int, help=f"acquisition rounds (default {d.rounds}; quick {QUICK['rounds']})")
+    p.add_argument("--batch", type=int, help=f"tiles labelled per round (default {d.batch}; quick {QUICK['batch']})")
+    p.add_argument("--init", type=int, help="seed-set size (default: batch)")
+    p.add_argument("--seeds", type=int, help=f"repetitions (default {d.seeds}; quick {QUICK['seeds']})")
+    p.add_argument("--tile", type=int, help=f"pool tile side (default {d.tile})")
+    p.add_argument("--held-out", type=float, help=f"held-out images: count, or fraction < 1 (default {d.held_out:g})")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--arch", choices=["unet", "dssnet", "multihead_unet"], default=d.arch)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--patch", type=int, help=f"training patch side (default {d.patch}; quick {QUICK['patch']})")
+    p.add_argument("--epoch-patches", type=int, help=f"patches per epoch (default {d.epoch_patches})")
+    p.add_argument("--init-epochs", type=int, help=f"epochs on the seed set (default {d.init_epochs})")
+    p.add_argument("--epochs-per-round", type=int, help=f"warm-start epochs per round (default {d.epochs_per_round})")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--pool-limit", type=int, help="analyse at most N random unlabelled tiles per round")
+    p.add_argument("--mc-samples", type=int, default=d.mc_samples)
+    p.add_argument("--cost-alpha", type=float, default=0.0, help="> 0: hybrid weights uncertainty by 1/(1+a*count/mean)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help=f"torch CPU threads (default {d.threads}: on shared CPUs more threads are slower; 0 = torch default)")
+    p.add_argument("--quick", action="store_true", help=f"CPU preset, < 15 min: {QUICK}")
+    p.add_argument("--out", default="al-sim", help="output folder (al_sim.json, al_sim.png)")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> SimConfig:
+    base: dict[str, Any] = dict(QUICK, quick=True) if a.quick else {}
+    explicit = {
+        "rounds": a.rounds, "batch": a.batch, "init": a.init, "seeds": a.seeds, "tile": a.tile,
+        "held_out": a.held_out, "patch": a.patch, "epoch_patches": a.epoch_patches,
+        "init_epochs": a.init_epochs, "epochs_per_round": a.epochs_per_round, "pool_limit": a.pool_limit,
+    }
+    base.update({k: v for k, v in explicit.items() if v is not None})
+    return SimConfig(
+        data=str(a.data), strategies=[s.strip() for s in a.strategy.split(",") if s.strip()],
+        split_seed=a.split_seed, arch=a.arch, width=a.width, lr=a.lr, mc_samples=a.mc_samples,
+        cost_alpha=a.cost_alpha, device=a.device, threads=a.threads or None, **base,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(a)
+        cfg.validate()
+        results = run_simulation(cfg)
+    except (ValueError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "al_sim.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    plot(results, out / "al_sim.png")
+    print(format_report(results))
+    print(f"\nwrote {out / 'al_sim.json'} and {out / 'al_sim.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,366 @@
+"""Command line: ``python -m ml_worker train|predict|evaluate|synth``.
+
+* ``train --arch dssnet --data DIR --out RUN [...]`` → ``RUN/best.pt``, ``RUN/last.pt``
+* ``predict --checkpoint RUN/best.pt --images DIR --out DIR`` → 16-bit instance masks,
+  same names as the images (``NAME.png``)
+* ``evaluate --checkpoint RUN/best.pt --data DIR`` → one JSON object on stdout: every
+  metric averaged over images (``mean``) and per image (``per_image``)
+* ``synth --kind pap|he --n 10 --size 256 --out DIR`` → synthetic dataset, common layout
+
+Progress bars (tqdm) and messages go to stderr; stdout carries only results (JSON).
+User errors — a wrong path, an empty folder, an image without its mask, a missing or
+corrupt checkpoint, a bad option — print one ``error: ...`` line on stderr and exit with
+status 2 (no traceback). Ctrl-C during training stops after the current step; the run
+resumes with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """A user error reported as one line with exit status 2."""
+
+
+def _one_line(msg: object, limit: int = 400) -> str:
+    text = " ".join(str(msg).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fail(msg: object) -> int:
+    print(f"error: {_one_line(msg)}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        prog = self.prog
+        print(f"error: {prog}: {_one_line(message)} (see {prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if i < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+    return i
+
+
+def _kv(v: str) -> tuple[str, Any]:
+    if "=" not in v:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {v!r}")
+    k, raw = v.split("=", 1)
+    try:
+        val = json.loads(raw)
+    except json.JSONDecodeError:
+        val = raw
+    return k.strip(), val
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m ml_worker", description="Karyo nucleus segmentation engine")
+    sub = p.add_subparsers(dest="command", metavar="{train,predict,evaluate,synth}", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a model on DIR/images + DIR/masks")
+    t.add_argument("--arch", required=True,
+                   help="architecture (unet, pgunet_plus, unet_sharp, dssnet, hspnet, multihead_unet)")
+    t.add_argument("--data", required=True, help="dataset folder (DIR/images/NAME.png + DIR/masks/NAME.png)")
+    t.add_argument("--out", required=True, help="run folder for best.pt / last.pt")
+    t.add_argument("--epochs", type=_positive_int, default=50)
+    t.add_argument("--tile-size", type=_positive_int, default=256)
+    t.add_argument("--width", type=_positive_int, default=None,
+                   help="model width (width / base_channels, whichever the architecture has)")
+    t.add_argument("--batch-size", type=_positive_int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--optimizer", default=None, help="adam, adamw, rmsprop, sgd (default: adam; rmsprop for PGU-net+)")
+    t.add_argument("--loss", default=None, help="override the model's default loss")
+    t.add_argument("--steps-per-epoch", type=_positive_int, default=None,
+                   help="training patches per epoch (rounded up to whole batches)")
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--stain-norm", default="none", help="none, macenko, reinhard")
+    t.add_argument("--augment", default="default", help="none, light, default")
+    t.add_argument("--patience", type=int, default=10, help="early stopping patience on val Dice (0 = off)")
+    t.add_argument("--epochs-per-stage", type=_positive_int, default=None, help="PGU-net+ epochs per growing stage")
+    t.add_argument("--no-progressive", action="store_true", help="PGU-net+: train the full model directly")
+    t.add_argument("--encoder-weights", default=None, help="local pre-trained encoder weights (two-phase training)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    t.add_argument("--model-kw", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra model constructor argument (JSON value), repeatable")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="LAST_PT",
+                   help="continue a run (default: OUT/last.pt)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pr = sub.add_parser("predict", help="instance masks for every image in a folder")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--images", required=True, help="folder of images (or a dataset folder with images/)")
+    pr.add_argument("--out", required=True, help="output folder for NAME.png 16-bit instance masks")
+    pr.add_argument("--tile-size", type=_positive_int, default=None, help="default: the training tile size")
+    pr.add_argument("--batch-size", type=_positive_int, default=8)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--threads", type=_positive_int, default=None)
+    pr.add_argument("--quiet", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="metrics of a checkpoint on DIR/images + DIR/masks (JSON on stdout)")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--tile-size", type=_positive_int, default=None)
+    ev.add_argument("--batch-size", type=_positive_int, default=8)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--threads", type=_positive_int, default=None)
+    ev.add_argument("--quiet", action="store_true")
+
+    sy = sub.add_parser("synth", help="write a synthetic dataset (common layout)")
+    sy.add_argument("--kind", default="he", choices=["pap", "he"])
+    sy.add_argument("--n", type=_positive_int, default=10)
+    sy.add_argument("--size", type=_positive_int, default=256)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--out", required=True)
+    return p
+
+
+# ============================================================================ commands
+def _device(name: str) -> str | None:
+    return None if name in ("", "auto") else name
+
+
+def _width_kwargs(arch: str, width: int | None) -> dict[str, Any]:
+    if width is None:
+        return {}
+    from ml_worker.models import MODELS
+
+    params = inspect.signature(MODELS[arch].__init__).parameters
+    for key in ("width", "base_channels"):
+        if key in params:
+            return {key: width}
+    raise CLIError(f"--width is not supported by {arch!r}; use --model-kw")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ml_worker.data import DataError, load_folder, split_by_image
+    from ml_worker.models import MODELS
+    from ml_worker.training import TrainConfig, train
+
+    if args.arch not in MODELS:
+        raise CLIError(f"unknown architecture {args.arch!r}; available: {', '.join(sorted(MODELS))}")
+    data = Path(args.data)
+    if not data.exists():
+        raise DataError(f"dataset folder not found: {data}")
+    out = Path(args.out)
+    resume = None
+    if args.resume is not None:
+        resume = args.resume or str(out / "last.pt")
+        if not Path(resume).is_file():
+            raise CLIError(f"nothing to resume: {resume} not found")
+    model_kwargs = {**_width_kwargs(args.arch, args.width), **dict(args.model_kw)}
+    config = TrainConfig(
+        arch=args.arch, model_kwargs=model_kwargs, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer, loss=args.loss,
+        tile_size=args.tile_size, steps_per_epoch=args.steps_per_epoch, val_fraction=args.val_fraction,
+        seed=args.seed, stain_norm=args.stain_norm, augment=args.augment,
+        early_stopping_patience=args.patience, device=args.device,
+        progressive=False if args.no_progressive else None, epochs_per_stage=args.epochs_per_stage,
+        encoder_weights=args.encoder_weights, num_threads=args.threads, num_workers=args.workers,
+        resume=resume, out_dir=str(out),
+    )
+    samples = load_folder(data)
+    train_s, val_s = split_by_image(samples, config.val_fraction, seed=config.split_seed)
+
+    stop = {"flag": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        print("\ninterrupt: stopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    bar: Any = None
+
+    def progress(ev: dict[str, Any]) -> None:
+        nonlocal bar
+        kind = ev["event"]
+        if kind == "start":
+            total = ev["epochs"] * ev["steps_per_epoch"]
+            print(f"training {args.arch} ({ev['parameters'] / 1e6:.2f}M parameters) on {ev['n_train']} images, "
+                  f"validating on {ev['n_val']}, {ev['epochs']} epochs x {ev['steps_per_epoch']} steps, "
+                  f"device {ev['device']}", file=sys.stderr)
+            bar = tqdm(total=total, initial=ev["start_epoch"] * ev["steps_per_epoch"], unit="step",
+                       file=sys.stderr, disable=args.quiet, dynamic_ncols=True, desc=args.arch)
+        elif kind == "step" and bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=f"{ev['epoch']}/{ev['epochs']}", loss=f"{ev['loss']:.4f}", refresh=False)
+        elif kind == "epoch":
+            val = ev.get("val") or {}
+            msg = f"epoch {ev['epoch']}/{ev['epochs']} loss {ev['train_loss']:.4f}"
+            if ev.get("stage"):
+                msg += f" stage {ev['stage']} ({ev['input_size']}px)"
+            if val:
+                msg += (f" val dice {val['dice']:.4f} aji {val['aji']:.4f} pq {val['pq']:.4f}"
+                        f" mAP {val['dsb_map']:.4f}")
+            if ev.get("improved"):
+                msg += " *best"
+            (bar.write if bar is not None else print)(msg, file=sys.stderr)
+
+    try:
+        result = train(config, train_s, val_s, progress=progress, should_stop=lambda: stop["flag"])
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        if bar is not None:
+            bar.close()
+    best = f"best epoch {result.best_epoch}"
+    if result.best_score is not None:
+        best += f" (val dice {result.best_score:.4f})"
+    print(f"{result.status}: {result.epochs_completed} epochs, {best}; wrote {out / 'best.pt'} and "
+          f"{out / 'last.pt'}", file=sys.stderr)
+    if result.status == "cancelled":
+        print(f"resume with: python -m ml_worker train ... --out {out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _load(checkpoint: str) -> tuple[Any, Any, dict[str, Any]]:
+    from ml_worker.training import load_for_inference
+
+    return load_for_inference(checkpoint)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from ml_worker.data import IMAGE_EXTS, DataError
+
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    if (folder / "images").is_dir():
+        folder = folder / "images"
+    files = [f for f in sorted(folder.iterdir())
+             if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTS]
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in {folder}")
+    stems = [f.stem for f in files]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise DataError(f"two images with the same name in {folder}: {', '.join(dup[:3])}")
+    return files
+
+
+def _tile_size(args: argparse.Namespace, meta: dict[str, Any]) -> int:
+    if args.tile_size:
+        return int(args.tile_size)
+    return int((meta.get("config") or {}).get("tile_size") or 256)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ml_worker.data import read_image, write_mask
+    from ml_worker.inference import predict_instances
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    files = _image_files(Path(args.images))
+    model, normalizer, meta = _load(args.checkpoint)
+    tile = _tile_size(args, meta)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tqdm(files, unit="image", file=sys.stderr, disable=args.quiet, desc="predict"):
+        image = read_image(f)
+        inst, _ = predict_instances(model, image, tile_size=tile, overlap=max(0, tile // 8),
+                                    batch_size=args.batch_size, device=_device(args.device), normalizer=normalizer)
+        if inst.max(initial=0) > 65535:
+            raise CLIError(f"{f.name}: {int(inst.max())} instances do not fit a 16-bit mask")
+        write_mask(out / f"{f.stem}.png", inst)
+    print(f"wrote {len(files)} masks to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ml_worker.data import load_folder
+    from ml_worker.training import evaluate_samples
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    samples = load_folder(args.data)
+    model, normalizer, meta = _load(args.checkpoint)
+    tile = _tile_size(args, meta)
+    per_image = []
+    for s in tqdm(samples, unit="image", file=sys.stderr, disable=args.quiet, desc="evaluate"):
+        _, rows = evaluate_samples(model, [s], tile_size=tile, batch_size=args.batch_size,
+                                   device=_device(args.device), normalizer=normalizer)
+        per_image.extend(rows)
+    keys = [k for k in per_image[0] if k != "name"]
+    mean = {k: float(sum(r[k] for r in per_image) / len(per_image)) for k in keys}
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "arch": meta.get("arch"),
+        "data": str(args.data),
+        "n_images": len(per_image),
+        "tile_size": tile,
+        "mean": mean,
+        "per_image": per_image,
+    }
+    print(json.dumps(result, allow_nan=False, default=_json_default))
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ml_worker.synth import write_dataset
+
+    names = write_dataset(args.out, args.n, kind=args.kind, size=args.size, seed=args.seed)
+    print(f"wrote {len(names)} {args.kind} images to {args.out}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "synth": cmd_synth}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported here so `--help` stays fast and so their errors are caught below.
+    from ml_worker.checkpoint import CheckpointError
+    from ml_worker.data import DataError
+
+    try:
+        return COMMANDS[args.command](args)
+    except CheckpointError as e:
+        # torch's unpickling errors are paragraphs; the first part says what is wrong.
+        return _fail(_one_line(e, limit=160))
+    except (CLIError, DataError, FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        return _fail(msg)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 1
