@@ -173,7 +173,7 @@ class SimConfig:
 
 #: overrides of ``--quick`` (CPU, < 15 min for three strategies)
 QUICK: dict[str, Any] = dict(rounds=6, batch=4, init=4, seeds=2, tile=64, patch=64, epoch_patches=128,
-                             init_epochs=3, epochs_per_round=1, eval_tile=256, held_out=3, pool_limit=400)
+                             init_epochs=3, epochs_per_round=1, eval_tile=256, held_out=3, pool_limit=300)
 
 
 # ============================================================================ data
@@ -618,6 +618,9 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
     axes[1].set(title="AJI (held-out images)", xlabel="labelled tiles", ylabel="AJI")
     axes[2].set(title="Correction effort on the batch just labelled", xlabel="round", ylabel="share",
                 ylim=(0, 1.02))
+    for ax, ref in ((axes[0], s["full_dice_mean"]), (axes[1], s["full_aji_mean"])):
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, max(hi, ref + 0.02))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -15,11 +15,19 @@ Registry :data:`STRATEGIES` (name -> configured instance):
                     ``analyze_tile(mc_samples>0)``)
 ``tta``             variance of the nucleus probability over flips / rot90 (needs
                     ``analyze_tile(tta=True)``)
-``hybrid``          **default**: the top ``pool_factor·k`` tiles by ``entropy``, thinned to
-                    ``k`` by k-center greedy on the encoder embeddings (already-labelled
+``hybrid``          **default**: the top ``pool_factor·k`` (10·k) tiles by ``entropy``, thinned
+                    to ``k`` by k-center greedy on the encoder embeddings (already-labelled
                     tiles count as centres); optional annotation-cost weighting
 ``hybrid_boundary`` the same with ``boundary`` as the uncertainty
+``hybrid_rep``      the same pre-selection, thinned by greedy facility location
+                    (representativeness, Yang et al. 2017) instead of k-center
 ==================  =========================================================================
+
+Why ``pool_factor = 10`` rather than the 3 of the classic recipe: on CPM-15 with few labels
+(``python -m ml_worker.al_sim``, 64 px tiles) the most uncertain tiles are almost all the
+same kind of nucleus-free neuropil texture, and a 3·k pool left k-center nothing else to
+choose from: held-out Dice fell below random sampling's. See docs/ml_worker.md,
+"Active learning", for the measured numbers.
 
 :func:`rank` is the entry point used by the platform.
 """
@@ -40,6 +48,7 @@ __all__ = [
     "ScoreStrategy",
     "HybridStrategy",
     "k_center_greedy",
+    "facility_location_greedy",
     "cost_weighted",
     "strategy_names",
     "get_strategy",
@@ -203,6 +212,47 @@ def k_center_greedy(
     return picked
 
 
+def facility_location_greedy(
+    embeddings: np.ndarray,
+    candidates: Sequence[int],
+    k: int,
+    *,
+    centers: np.ndarray | None = None,
+) -> list[int]:
+    """Greedy representativeness ("suggestive annotation", Yang et al., MICCAI 2017):
+    pick, among ``candidates``, the ``k`` points that best *cover* all ``embeddings`` —
+    maximise ``sum_x max_{s in S ∪ centers} max(0, cos(x, s))`` greedily (a monotone
+    submodular facility-location objective, so greedy is within 1 - 1/e of optimal).
+    Unlike k-center, which reaches for the farthest (often atypical) points, this prefers
+    candidates that resemble many pool tiles and are not yet covered by the labelled ones.
+
+    Returns:
+        indices into ``embeddings`` (a subset of ``candidates``), in pick order.
+    """
+    x = _unit_rows(np.asarray(embeddings, dtype=np.float64))
+    cand = np.asarray(list(candidates), dtype=np.int64)
+    k = min(int(k), cand.size)
+    if k <= 0:
+        return []
+    sim = np.clip(x @ x[cand].T, 0.0, None)  # (n, m)
+    cover = np.zeros(x.shape[0])
+    if centers is not None and len(centers):
+        c = _unit_rows(np.asarray(centers, dtype=np.float64))
+        if c.shape[1] != x.shape[1]:
+            raise ValueError(f"labelled embeddings must be (m, {x.shape[1]}), got shape {c.shape}")
+        cover = np.clip(x @ c.T, 0.0, None).max(axis=1)
+    taken = np.zeros(cand.size, bool)
+    picked: list[int] = []
+    for _ in range(k):
+        gain = np.maximum(sim - cover[:, None], 0.0).sum(axis=0)
+        gain[taken] = -1.0
+        j = int(np.argmax(gain))  # ties: the earlier (more uncertain) candidate
+        taken[j] = True
+        picked.append(int(cand[j]))
+        cover = np.maximum(cover, sim[:, j])
+    return picked
+
+
 def cost_weighted(uncertainty: np.ndarray, costs: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     """Uncertainty per unit of expected annotation effort:
     ``u / (1 + alpha · cost / mean(cost))``.
@@ -232,7 +282,9 @@ class HybridStrategy(Strategy):
     2. the ``pool_factor · k`` candidates with the highest priority are kept;
     3. k-center greedy on their L2-normalised embeddings, with the already-labelled tiles'
        embeddings as existing centres, picks ``k`` tiles that cover the pool (the first
-       pick, without labelled centres, is the highest-priority tile);
+       pick, without labelled centres, is the highest-priority tile) — or, with
+       ``diversity="facility"``, :func:`facility_location_greedy` picks the ``k`` that best
+       represent all candidates;
     4. the rest follow by decreasing priority.
 
     ``k=None`` (no batch size given): the whole pool is ordered farthest-first (step 3
@@ -242,10 +294,13 @@ class HybridStrategy(Strategy):
 
     needs_embeddings = True
 
-    def __init__(self, name: str = "hybrid", key: str = "entropy", pool_factor: float = 3.0,
-                 cost_alpha: float = 1.0) -> None:
+    def __init__(self, name: str = "hybrid", key: str = "entropy", pool_factor: float = 10.0,
+                 cost_alpha: float = 1.0, diversity: str = "kcenter") -> None:
         if pool_factor < 1:
             raise ValueError("pool_factor must be >= 1")
+        if diversity not in ("kcenter", "facility"):
+            raise ValueError(f"diversity must be 'kcenter' or 'facility', got {diversity!r}")
+        self.diversity = diversity
         self.name = name
         self.key = key
         self.required_scores = (key,)
@@ -284,7 +339,10 @@ class HybridStrategy(Strategy):
             k_eff = min(int(k), n)
             m = min(n, max(k_eff, int(math.ceil(self.pool_factor * k_eff))))
         pool = by_prio[:m]
-        picked = [pool[j] for j in k_center_greedy(emb[pool], k_eff, centers=labelled_embeddings)]
+        if self.diversity == "facility":
+            picked = facility_location_greedy(emb, pool, k_eff, centers=labelled_embeddings)
+        else:
+            picked = [pool[j] for j in k_center_greedy(emb[pool], k_eff, centers=labelled_embeddings)]
         chosen = set(picked)
         return picked + [i for i in by_prio if i not in chosen]
 
@@ -301,6 +359,7 @@ STRATEGIES: dict[str, Strategy] = {
         ScoreStrategy("tta"),
         HybridStrategy("hybrid", key="entropy"),
         HybridStrategy("hybrid_boundary", key="boundary"),
+        HybridStrategy("hybrid_rep", key="entropy", diversity="facility"),
     )
 }
 

@@ -192,6 +192,19 @@ def test_hybrid_cost_weighting_demotes_crowded_tile():
     np.testing.assert_allclose(cost_weighted(np.ones(3), np.zeros(3)), np.ones(3))
 
 
+def test_facility_location_prefers_representative_over_outlier():
+    from ml_worker.active_learning.strategies import facility_location_greedy
+
+    cluster = np.array([[1.0, 0.1 * i, 0.0] for i in range(6)])
+    outlier = np.array([[0.0, 0.0, 1.0]])
+    emb = np.vstack([cluster, outlier])
+    # k-center reaches for the outlier, facility location for the cluster
+    assert k_center_greedy(emb, 2)[1] == 6
+    assert facility_location_greedy(emb, [6, 0, 3], 1) == [3]
+    # once the cluster is labelled, the outlier is what is left to cover
+    assert facility_location_greedy(emb, [6, 0, 3], 1, centers=cluster) == [6]
+
+
 def test_k_center_greedy_farthest_first():
     pts = np.array([[0.0, 0.0], [0.1, 0.0], [10.0, 0.0], [5.0, 5.0]])
     assert k_center_greedy(pts, 3, normalize=False) == [0, 2, 3]
