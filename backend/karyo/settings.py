@@ -58,6 +58,7 @@ INSTALLED_APPS = [
     "backend.images",
     "backend.ml",
     "backend.exports",
+    "backend.labelstudio",
 ]
 
 MIDDLEWARE = [
@@ -171,12 +172,13 @@ CELERY_BROKER_URL = env_url(
     "CELERY_BROKER_URL", REDIS_URL or "filesystem://", schemes={"redis", "rediss", "amqp", "filesystem"}
 )
 if CELERY_BROKER_URL == "filesystem://":
-    for sub in ("in", "processed"):
+    for sub in ("in", "processed", "control"):
         (BROKER_DIR / sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(BROKER_DIR / "in"),
         "data_folder_out": str(BROKER_DIR / "in"),
         "processed_folder": str(BROKER_DIR / "processed"),
+        "control_folder": str(BROKER_DIR / "control"),
         "store_processed": False,
         # The default 1 s poll adds a second to every task; 25 ms costs little CPU.
         "polling_interval": 0.025,
@@ -192,6 +194,8 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
+# Declared explicitly so that purge and inspection cover both queues, not just the default.
+CELERY_TASK_QUEUES = {"cpu": {"routing_key": "cpu"}, "gpu": {"routing_key": "gpu"}}
 CELERY_TASK_ROUTES = {
     "karyo.gpu.*": {"queue": "gpu"},
     "karyo.cpu.*": {"queue": "cpu"},
@@ -199,16 +203,33 @@ CELERY_TASK_ROUTES = {
 CELERY_TASK_TIME_LIMIT = env_int("KARYO_TASK_TIME_LIMIT", 12 * 3600, minimum=10)
 CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 5
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE = {
+    "fail-stale-training-runs": {"task": "karyo.cpu.check_stale_runs", "schedule": 60.0},
+}
+KARYO_HEARTBEAT_TIMEOUT_SECONDS = env_int("KARYO_HEARTBEAT_TIMEOUT_SECONDS", 120, minimum=5)
+KARYO_QUEUE_LEASE_SECONDS = env_int("KARYO_QUEUE_LEASE_SECONDS", 15 * 60, minimum=10)
 
 if REDIS_URL:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+    # redis-py 8 defaults to a 5 s socket timeout, the same as channels-redis's 5 s BZPOPMIN:
+    # the read races the timeout and idle WebSockets die with 1011. Give reads room.
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}]},
+        }
+    }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # Web and worker are separate processes: an SQLite file carries events between them.
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "backend.common.sqlite_layer.SQLiteChannelLayer", "CONFIG": {"path": str(VAR_DIR / "channels.sqlite3")}}
+    }
 
 # --- Label Studio ----------------------------------------------------------------------
 LABEL_STUDIO_URL = env_url("LABEL_STUDIO_URL", None, schemes={"http", "https"})
 LABEL_STUDIO_TOKEN = env_str("LABEL_STUDIO_TOKEN")
 LABEL_STUDIO_WEBHOOK_SECRET = env_str("KARYO_LABEL_STUDIO_WEBHOOK_SECRET")
+# Pull what changed in Label Studio (missed webhooks, Label Studio down); a no-op when unset.
+CELERY_BEAT_SCHEDULE["labelstudio-reconcile"] = {"task": "karyo.cpu.labelstudio_reconcile", "schedule": 60.0}
 
 # --- API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {

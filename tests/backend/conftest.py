@@ -208,3 +208,4 @@ def start_worker(tmp_path):
     yield start
     for worker in workers:
         worker.stop()
+    app.control.purge()  # chained tasks a test did not wait for must not reach the next test's worker
