@@ -10,7 +10,14 @@ SERVICES_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 SERVICES_REDIS_URL ?= redis://127.0.0.1:6379/15
 PYTEST_ARGS ?=
 
-.PHONY: run test test-embedded test-services setup migrate demo worker web clean-var schema
+.PHONY: run test test-embedded test-services setup migrate demo worker web clean-var schema frontend frontend-test
+
+# The browser UI (frontend/): npm ci when the lock file changes, `npm run build` into frontend/dist
+# (served by Django as static files) when a source changes.
+NPM ?= npm
+FRONTEND_SRC := $(shell find frontend/src -type f 2>/dev/null) frontend/build.mjs frontend/package.json
+NODE_MODULES_STAMP := frontend/node_modules/.karyo-installed
+FRONTEND_BUILD := frontend/dist/manifest.json
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Karyo needs Python 3.11 (set PYTHON=...)")'
@@ -20,10 +27,23 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 setup: $(STAMP)
 
-run: setup
+$(NODE_MODULES_STAMP): frontend/package.json frontend/package-lock.json
+	@command -v $(NPM) >/dev/null || { echo "Karyo's browser UI needs Node.js 20+ and npm (apt-get install nodejs npm)"; exit 1; }
+	cd frontend && $(NPM) ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(FRONTEND_BUILD): $(NODE_MODULES_STAMP) $(FRONTEND_SRC)
+	cd frontend && $(NPM) run build --silent
+
+frontend: $(FRONTEND_BUILD)
+
+frontend-test: $(NODE_MODULES_STAMP)
+	cd frontend && $(NPM) test --silent
+
+run: setup frontend
 	@$(PY) -m backend.karyo.runner
 
-test: setup
+test: setup frontend frontend-test
 	@rm -rf $(TEST_VAR)
 	env -u KARYO_TEST_SERVICES -u DATABASE_URL -u KARYO_REDIS_URL KARYO_VAR_DIR=$(TEST_VAR) $(PY) -m pytest $(PYTEST_ARGS)
 ifeq ($(KARYO_TEST_SERVICES),1)
@@ -35,3 +55,13 @@ endif
 
 schema: setup
 	$(PY) manage.py spectacular --validate --fail-on-warn --file var/schema.yml
+
+# Label Studio (its own venv under ~/.cache/karyo, never .venv): `make labelstudio` installs it
+# once and starts it on 127.0.0.1:8080 with its data in var/label-studio. `make run` starts it
+# by itself when it is installed.
+.PHONY: labelstudio labelstudio-install
+labelstudio-install:
+	@infra/labelstudio/install.sh
+
+labelstudio: labelstudio-install
+	@infra/labelstudio/start.sh

@@ -47,6 +47,15 @@ def main() -> int:
     manage("seed_demo")
     manage("collectstatic", "--noinput", "-v0")
 
+    # Label Studio, when installed: Karyo's processes get its URL, token and webhook secret.
+    from backend.labelstudio.embedded import plan as label_studio_plan
+
+    label_studio, label_studio_note = label_studio_plan(var_dir=VAR)
+    print(f"karyo: {label_studio_note}", flush=True)
+    if label_studio is not None:
+        os.environ.update(label_studio.karyo_env)
+        os.environ.setdefault("KARYO_PUBLIC_URL", f"http://{host}:{port}")
+
     commands = {
         "web": [PY, "-m", "daphne", "-b", host, "-p", str(port), "backend.karyo.asgi:application"],
         "worker": [PY, "-m", "celery", "-A", "backend.karyo", "worker", "-Q", "gpu,cpu", "--concurrency", "1",
@@ -58,6 +67,9 @@ def main() -> int:
     for name, command in commands.items():
         # A new process group, so that Ctrl-C reaches us once and we stop children in order.
         children[name] = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    if label_studio is not None:
+        children["label-studio"] = subprocess.Popen(label_studio.command, cwd=ROOT, env=label_studio.env,
+                                                    start_new_session=True)
 
     stopping = False
 
@@ -77,8 +89,12 @@ def main() -> int:
     exit_code = 0
     try:
         while not stopping:
-            for name, child in children.items():
-                if child.poll() is not None:
+            for name, child in list(children.items()):
+                if child.poll() is not None and name == "label-studio":  # optional: Karyo goes on
+                    print(f"karyo: Label Studio exited with code {child.returncode}; Karyo goes on without it",
+                          file=sys.stderr)
+                    del children[name]
+                elif child.poll() is not None:
                     print(f"karyo: {name} exited with code {child.returncode}; stopping the rest", file=sys.stderr)
                     exit_code = 1
                     stopping = True

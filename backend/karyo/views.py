@@ -11,18 +11,6 @@ def healthz(request):
     return JsonResponse({"status": "ok"})
 
 
-def index(request):
-    from django.db.models import Count
-    from django.shortcuts import render
-
-    from backend.projects.selectors import projects_visible_to
-
-    projects = projects_visible_to(user=request.user).annotate(
-        image_count=Count("images", distinct=True), tile_count=Count("tiles", distinct=True)
-    )
-    return render(request, "index.html", {"projects": projects})
-
-
 def not_found(request, exception=None):
     """JSON for API clients, plain text elsewhere (DEBUG=False page for unknown URLs)."""
     from django.http import HttpResponseNotFound

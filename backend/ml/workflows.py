@@ -124,7 +124,8 @@ def run_training(*, run_id: int, task_id: str = "") -> str:
     if run is None:
         return "skipped"
     project = run.project
-    out_dir = runs_dir() / f"run-{run.pk}"
+    # Keyed by creation time too: ids restart with a new database, and a stale last.pt must not be resumed.
+    out_dir = runs_dir() / f"run-{run.pk}-{run.created_at:%Y%m%dT%H%M%S%f}"
     events.record(project.pk, "run.started", f"training run {run.pk} started", run=run.pk)
     last_check = [0.0, False]
 

@@ -31,7 +31,8 @@ _counter = itertools.count()
 @dataclass
 class Rule:
     """``minimum``: the lowest project role that succeeds (None: any authenticated user,
-    "public": anyone, "staff": platform staff only). ``make(ctx)`` -> (url kwargs, body)."""
+    "public": anyone, "staff": platform staff only, "secret": Label Studio proving the shared
+    secret, never a user). ``make(ctx)`` -> (url kwargs, body)."""
 
     minimum: str | None
     success: int
@@ -78,6 +79,35 @@ def fresh_submitted_annotation(ctx):
     return {"annotation_id": annotation.pk}, {"decision": "accept", "comment": "ok"}
 
 
+def new_model_version(ctx, status: str):
+    from backend.ml.models import ModelVersion
+
+    version = ModelVersion.objects.filter(project=ctx["project"]).count() + 1
+    return ModelVersion.objects.create(project=ctx["project"], version=version, architecture="unet",
+                                       weights=f"models/fake-v{version}.pt", status=status)
+
+
+def finished_run(ctx):
+    from backend.ml.models import TrainingRun
+
+    return TrainingRun.objects.create(project=ctx["project"], architecture="unet", status="succeeded")
+
+
+def live_run(ctx):
+    from backend.ml.models import TrainingRun
+
+    if "live_run" not in ctx:
+        ctx["live_run"] = TrainingRun.objects.create(project=ctx["project"], architecture="unet", status="running")
+    return ctx["live_run"]
+
+
+def no_kwargs(ctx):
+    return {}, None
+
+
+LABEL_STUDIO_SECRET = "matrix-label-studio-secret"
+
+
 MATRIX: dict[str, dict[str, Rule]] = {
     "schema": {"get": Rule("public", 200, lambda ctx: ({}, None), scoped=False)},
     "docs": {"get": Rule("public", 200, lambda ctx: ({}, None), scoped=False)},
@@ -107,8 +137,101 @@ MATRIX: dict[str, dict[str, Rule]] = {
     "annotation-mask": {"get": Rule("viewer", 200, annotation_kwargs)},
     "annotation-review": {"post": Rule("reviewer", 200, fresh_submitted_annotation)},
     "model-version-list": {"get": Rule("viewer", 200, project_kwargs)},
-    "training-run-list": {"get": Rule("viewer", 200, project_kwargs)},
+    "model-version-promote": {"post": Rule("admin", 200, lambda ctx: ({"model_version_id": new_model_version(ctx, "candidate").pk}, None))},
+    "model-version-rollback": {"post": Rule("admin", 200, lambda ctx: (new_model_version(ctx, "retired") and project_kwargs(ctx)[0], None))},
+    "training-run-list": {
+        "get": Rule("viewer", 200, project_kwargs),
+        "post": Rule("admin", 202, lambda ctx: ({"project_id": ctx["project"].pk}, {"architecture": "unet", "config": {"epochs": 1}})),
+    },
+    "training-run-detail": {"get": Rule("viewer", 200, lambda ctx: ({"run_id": finished_run(ctx).pk}, None))},
+    "training-run-cancel": {"post": Rule("admin", 200, lambda ctx: ({"run_id": live_run(ctx).pk}, None))},
+    "queue": {"get": Rule("viewer", 200, project_kwargs)},
+    "queue-next": {"post": Rule("annotator", 204, project_kwargs)},
+    "queue-release": {"post": Rule("annotator", 204, project_kwargs)},
+    "queue-rank": {"post": Rule("admin", 202, lambda ctx: ({"project_id": ctx["project"].pk}, {"strategy": "entropy"}))},
+    "event-list": {"get": Rule("viewer", 200, project_kwargs)},
 }
+
+
+MATRIX.update({
+    "labelstudio-status": {
+        "get": Rule("viewer", 200, project_kwargs),
+        # Label Studio is not configured here: an admin gets past the role check to the 409 saying so.
+        "post": Rule("admin", 409, project_kwargs),
+    },
+    "labelstudio-webhook": {"post": Rule("secret", 200, lambda ctx: ({}, {"action": "PROJECT_UPDATED"}), scoped=False)},
+    "labelstudio-ml-health": {"get": Rule("secret", 200, no_kwargs, scoped=False)},
+    "labelstudio-ml-setup": {"post": Rule("secret", 200, lambda ctx: ({}, {"project": "999999.1"}), scoped=False)},
+    "labelstudio-ml-versions": {"get": Rule("secret", 200, no_kwargs, scoped=False)},
+    "labelstudio-ml-predict": {"post": Rule("secret", 200, lambda ctx: ({}, {"project": "999999.1", "tasks": []}), scoped=False)},
+    "labelstudio-ml-webhook": {"post": Rule("secret", 200, lambda ctx: ({}, {"action": "PING"}), scoped=False)},
+})
+
+
+def finished_export(ctx):
+    """One export of the ctx project, run to completion (cached: the callers share it)."""
+    from backend.exports.services import create_export, run_export
+
+    if "export" not in ctx:
+        export = create_export(project=ctx["project"], format="png", filters={"status": "submitted"})
+        ctx["export"] = run_export(export_id=export.pk)
+    return ctx["export"]
+
+
+def new_dataset_zip(ctx):
+    import io
+    import zipfile
+
+    n = next(_counter)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(f"images/i{n}.png", rgb_png(64, 64, seed=5000 + n))
+        archive.writestr(f"masks/i{n}.png", label_png(disc_labels()))
+    return {"project_id": ctx["project"].pk}, {"file": SimpleUploadedFile("dataset.zip", buffer.getvalue())}
+
+
+# Exports hold a project's whole curated data set: reviewers and admins read and download them,
+# only admins start them or import archives.
+MATRIX.update({
+    "export-list": {
+        "get": Rule("reviewer", 200, project_kwargs),
+        "post": Rule("admin", 202, lambda ctx: ({"project_id": ctx["project"].pk}, {"format": "png", "filters": {"status": "submitted"}})),
+    },
+    "export-detail": {"get": Rule("reviewer", 200, lambda ctx: ({"export_id": finished_export(ctx).pk}, None))},
+    "export-download": {"get": Rule("reviewer", 200, lambda ctx: ({"export_id": finished_export(ctx).pk}, None))},
+    "dataset-import": {"post": Rule("admin", 201, new_dataset_zip)},
+})
+
+
+# The browser UI's endpoints (backend/web/api.py).
+def tile_with_heat_map(ctx):
+    from backend.common.storage import StagedWrites, encode_png
+    from backend.ml.models import Prediction
+    from backend.ml.workflows import uncertainty_name
+
+    version = new_model_version(ctx, "candidate")
+    with StagedWrites() as staged:
+        name = staged.save(f"predictions/{version.pk}/{ctx['tile'].pk}.png", encode_png(disc_labels().astype(np.int32)))
+        staged.save(uncertainty_name(name), encode_png(np.zeros((64, 64, 3), np.uint8)))
+    Prediction.objects.create(tile=ctx["tile"], model_version=version, mask=name, nucleus_count=2)
+    return tile_kwargs(ctx)
+
+
+def edit_of_the_annotation(ctx):
+    return tile_kwargs(ctx)[0], {"base": {"kind": "annotation", "id": ctx["annotation"].pk}, "deleted": [1]}
+
+
+MATRIX.update({
+    "tile-regions": {"get": Rule("viewer", 200, tile_kwargs), "post": Rule("annotator", 201, edit_of_the_annotation)},
+    "tile-prediction-overlay": {"get": Rule("viewer", 200, tile_kwargs)},
+    "tile-uncertainty": {"get": Rule("viewer", 200, tile_with_heat_map)},
+    "annotation-diff": {"get": Rule("viewer", 200, annotation_kwargs)},
+    "annotation-diff-image": {"get": Rule("viewer", 200, annotation_kwargs)},
+    "project-summary": {"get": Rule("viewer", 200, project_kwargs)},
+    "project-image-tiles": {"get": Rule("viewer", 200, project_kwargs)},
+    "review-list": {"get": Rule("viewer", 200, project_kwargs)},
+    "system-status": {"get": Rule(None, 200, no_kwargs, scoped=False)},
+})
 
 
 def api_endpoints() -> list[tuple[str, str, list[str]]]:
@@ -146,6 +269,10 @@ def test_every_api_endpoint_has_a_matrix_entry():
 
 
 def expected_status(rule: Rule, caller: str) -> int:
+    if caller == "secret":
+        return rule.success
+    if rule.minimum == "secret":
+        return 401  # a user's token or session is not Label Studio's secret
     if rule.minimum == "public":
         return rule.success
     if caller == "anonymous":
@@ -160,7 +287,8 @@ def expected_status(rule: Rule, caller: str) -> int:
 
 
 @pytest.fixture
-def ctx(team, api):
+def ctx(team, api, settings):
+    settings.LABEL_STUDIO_URL, settings.LABEL_STUDIO_WEBHOOK_SECRET = None, LABEL_STUDIO_SECRET
     response = api("admin").post(
         f"/api/projects/{team['project'].pk}/images/", {"file": SimpleUploadedFile("t.png", rgb_png(64, 64))}, format="multipart"
     )
@@ -176,11 +304,13 @@ def test_the_permission_matrix(ctx, name, method):
 
     rule = MATRIX[name][method]
     failures = []
-    for caller in CALLERS + (["staff"] if rule.minimum == "staff" else []):
+    for caller in CALLERS + ([rule.minimum] if rule.minimum in ("staff", "secret") else []):
         kwargs, body = rule.make(ctx)
         url = reverse(name, kwargs=kwargs)
-        user = None if caller == "anonymous" else ctx["users"][caller]
+        user = None if caller in ("anonymous", "secret") else ctx["users"][caller]
         client = client_for(user)
+        if caller == "secret":
+            client.credentials(HTTP_X_KARYO_WEBHOOK_SECRET=LABEL_STUDIO_SECRET)
         multipart = body is not None and any(isinstance(v, SimpleUploadedFile) for v in body.values())
         response = getattr(client, method)(url, body, format="multipart" if multipart else "json")
         want = 201 if caller == "staff" else expected_status(rule, caller)

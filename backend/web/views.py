@@ -1,0 +1,93 @@
+"""Pages: sign in/out and the app shell. Every page but the sign-in form needs a signed-in
+user, and every project page membership of that project (outsiders get 404, as in the API)."""
+from __future__ import annotations
+
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import get_object_or_404, render
+from django.views.decorators.csrf import ensure_csrf_cookie
+
+from backend.images.models import Annotation, Tile
+from backend.projects.models import ROLE_RANK, Project, Role
+from backend.projects.selectors import role_of
+
+from .assets import entry_assets, label_studio_assets
+
+LOGIN_URL = "/login/"
+PAGES = {
+    "projects": "Projects",
+    "dashboard": "Dashboard",
+    "queue": "Queue",
+    "workspace": "Correct",
+    "review": "Review",
+    "training": "Training",
+    "models": "Models",
+    "exports": "Exports",
+}
+
+
+class LoginView(auth_views.LoginView):
+    template_name = "login.html"
+    redirect_authenticated_user = True
+    next_page = "/"  # without ?next=: the project list (settings.LOGIN_REDIRECT_URL is Django's /accounts/profile/)
+
+    def get_context_data(self, **kwargs):
+        return {**super().get_context_data(**kwargs), "assets": entry_assets()}
+
+
+class LogoutView(auth_views.LogoutView):
+    next_page = LOGIN_URL
+
+
+def _shell(request, page: str, *, project: Project | None = None, role: Role | None = None, **extra):
+    user = request.user
+    context = {
+        "page": page,
+        "user": {"id": user.pk, "username": user.username, "is_staff": user.is_staff, "is_superuser": user.is_superuser},
+        "project": None if project is None else {"id": project.pk, "name": project.name, "my_role": role.value if role else None,
+                                                  "nucleus_classes": project.nucleus_classes},
+        "label_studio": label_studio_assets(),
+        **extra,
+    }
+    title = PAGES[page] + (f" · {project.name}" if project else "")
+    return render(request, "index.html", {"config": context, "assets": entry_assets(), "title": title})
+
+
+def _member_project(request, project_id: int) -> tuple[Project, Role]:
+    project = get_object_or_404(Project, pk=project_id)
+    role = role_of(user=request.user, project=project)
+    if role is None:
+        raise Http404("no such project")
+    return project, role
+
+
+@login_required(login_url=LOGIN_URL)
+@ensure_csrf_cookie
+def projects_page(request):
+    return _shell(request, "projects")
+
+
+@login_required(login_url=LOGIN_URL)
+@ensure_csrf_cookie
+def project_page(request, project_id: int, page: str = "dashboard"):
+    project, role = _member_project(request, project_id)
+    return _shell(request, page, project=project, role=role)
+
+
+@login_required(login_url=LOGIN_URL)
+@ensure_csrf_cookie
+def workspace_page(request, project_id: int, tile_id: int):
+    project, role = _member_project(request, project_id)
+    tile = get_object_or_404(Tile, pk=tile_id, project=project)
+    return _shell(request, "workspace", project=project, role=role, tile_id=tile.pk,
+                  can_edit=ROLE_RANK[role] >= ROLE_RANK[Role.ANNOTATOR])
+
+
+@login_required(login_url=LOGIN_URL)
+@ensure_csrf_cookie
+def review_page(request, project_id: int, annotation_id: int | None = None):
+    project, role = _member_project(request, project_id)
+    if annotation_id is not None:
+        get_object_or_404(Annotation, pk=annotation_id, tile__project=project)
+    return _shell(request, "review", project=project, role=role, annotation_id=annotation_id)

@@ -1,0 +1,7 @@
+// String helpers without DOM access (usable in Node unit tests).
+
+const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+
+export function escapeHtml(text) {
+  return String(text ?? "").replace(/[&<>"']/g, (c) => ESCAPES[c]);
+}
