@@ -7,7 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from backend.common.errors import Conflict, KaryoError
@@ -173,9 +173,11 @@ def on_annotation_saved(*, annotation: Annotation) -> None:
     tile = annotation.tile
     if annotation.status != "draft":
         record_correction_effort(annotation=annotation)
-    if annotation.status in accepted_statuses(tile.project):
+    if annotation.status in ("submitted", "reviewed"):
+        # Submitted work leaves the annotators' queue even while it waits for review.
         QueueEntry.objects.filter(project=tile.project, tile=tile).delete()
         events.publish(tile.project_id, "queue.changed", tile=tile.pk, reason="annotated")
+    if annotation.status in accepted_statuses(tile.project):
         maybe_auto_retrain(project=tile.project)
     elif annotation.author_id:
         QueueEntry.objects.filter(project=tile.project, tile=tile, leased_by_id=annotation.author_id).update(
@@ -277,17 +279,23 @@ def after_promotion(*, project: Project, model_version: ModelVersion) -> None:
 def next_tile(*, project: Project, user) -> QueueEntry | None:
     """Lease the top-ranked tile nobody else holds. Asking again returns the caller's own lease."""
     now = timezone.now()
+    # A tile whose newest version is submitted or reviewed is done for annotators, even if its
+    # queue entry has not been removed yet (the removal runs after the submitting transaction).
+    latest_status = Annotation.objects.filter(tile=OuterRef("tile")).order_by("-version").values("status")[:1]
+    open_entries = QueueEntry.objects.annotate(latest_status=Subquery(latest_status)).filter(
+        Q(latest_status__isnull=True) | Q(latest_status__in=["draft", "rejected"])
+    )
     for _ in range(5):
         with transaction.atomic():
             own = (
-                QueueEntry.objects.select_for_update()
+                open_entries.select_for_update()
                 .filter(project=project, leased_by=user, lease_expires_at__gt=now)
                 .order_by("rank")
                 .first()
             )
             if own is not None:
                 return own
-            candidates = QueueEntry.objects.filter(project=project).filter(
+            candidates = open_entries.filter(project=project).filter(
                 Q(leased_by__isnull=True) | Q(lease_expires_at__lte=now)
             ).order_by("rank")
             if connection_supports_skip_locked():

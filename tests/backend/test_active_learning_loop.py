@@ -261,3 +261,22 @@ def test_the_websocket_refuses_outsiders(loop_project, asgi_server, make_user):
     with pytest.raises(Exception) as error:
         asyncio.run(attempt())
     assert "4403" in str(error.value) or "403" in str(error.value)
+
+
+@pytest.mark.django_db
+def test_a_submitted_tile_is_not_served_again_even_before_review(make_user):
+    from backend.ml.services import next_tile, replace_queue
+
+    owner = make_user("owner", is_staff=True)
+    annotator = make_user("annie")
+    project = create_project(name="Review first", created_by=owner, tile_size=64, require_review=True)
+    Membership.objects.create(user=annotator, project=project, role=Role.ANNOTATOR)
+    image, instances = synth.generate("he", size=(64, 128), seed=3)
+    client_for(owner).post(f"/api/projects/{project.pk}/images/",
+                           {"file": SimpleUploadedFile("i.png", encode(image, "PNG"))}, format="multipart")
+    first, second = Tile.objects.filter(project=project).order_by("x")
+    replace_queue(project=project, ordered=[(first.pk, 0.9), (second.pk, 0.1)], strategy="entropy", model_version=None)
+    assert next_tile(project=project, user=annotator).tile_id == first.pk
+    submit_truth(annotator, first.pk, instances[:, :64])
+    # Submitted, not yet reviewed (and so not training data): still done as far as the queue goes.
+    assert next_tile(project=project, user=annotator).tile_id == second.pk

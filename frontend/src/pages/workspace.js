@@ -172,6 +172,8 @@ export async function render(main, { config }) {
     if (!canEdit || state.busy || !state.editor || editorEl.dataset.ready !== "1") return;
     state.busy = true;
     submitBtn.disabled = draftBtn.disabled = true;
+    // Not ready while saving: the tile on screen is about to be replaced by the next one.
+    editorEl.dataset.ready = "saving";
     const started = performance.now();
     const tileId = state.tileId;
     try {
@@ -199,6 +201,7 @@ export async function render(main, { config }) {
       await nextTile(tileId);
     } catch (error) {
       toast(`Not saved: ${error.message}`, "error", 8000);
+      if (state.editor && state.tileId === tileId) editorEl.dataset.ready = "1";
     } finally {
       state.busy = false;
       submitBtn.disabled = draftBtn.disabled = !canEdit;
