@@ -11,6 +11,7 @@ from django.utils import timezone
 from backend.common.errors import Conflict, InvalidUpload
 from backend.common.storage import StagedWrites, encode_png
 from backend.projects.models import Project
+from ml_worker.data import tile_grid
 
 from .models import Annotation, AnnotationSource, AnnotationStatus, Image, Tile
 from .validation import DecodedImage
@@ -20,18 +21,6 @@ from .validation import DecodedImage
 class IngestResult:
     image: Image
     created: bool
-
-
-def tile_positions(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """Start and size of tiles along one axis; the last tile is shifted back to end at the border
-    so every tile (but that of a small image) has the full size."""
-    if length <= tile:
-        return [(0, length)]
-    step = tile - overlap
-    starts = list(range(0, length - tile + 1, step))
-    if starts[-1] + tile < length:
-        starts.append(length - tile)
-    return [(s, tile) for s in starts]
 
 
 def ingest_images(
@@ -68,10 +57,12 @@ def ingest_images(
 
 def _cut_tiles(*, image: Image, pixels: np.ndarray, project: Project, staged: StagedWrites) -> None:
     tiles = []
-    for y, h in tile_positions(image.height, project.tile_size, project.tile_overlap):
-        for x, w in tile_positions(image.width, project.tile_size, project.tile_overlap):
-            name = staged.save(f"tiles/{image.pk}/{x}_{y}_{w}x{h}.png", encode_png(pixels[y : y + h, x : x + w]))
-            tiles.append(Tile(image=image, project=project, x=x, y=y, w=w, h=h, file=name))
+    # The same grid the engine uses for tiled inference: the last tile of a row or column is
+    # shifted back to end at the border, and a side shorter than a tile is one tile of that size.
+    h, w = min(project.tile_size, image.height), min(project.tile_size, image.width)
+    for y, x in tile_grid(image.height, image.width, project.tile_size, project.tile_overlap):
+        name = staged.save(f"tiles/{image.pk}/{x}_{y}_{w}x{h}.png", encode_png(pixels[y : y + h, x : x + w]))
+        tiles.append(Tile(image=image, project=project, x=x, y=y, w=w, h=h, file=name))
     Tile.objects.bulk_create(tiles)
 
 

@@ -19,10 +19,10 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from backend.images.models import Tile
 from backend.ml.models import ModelStatus, ModelVersion, Prediction, QueueEntry, RunStatus, TrainingRun
 from backend.ml.services import fail_stale_runs, start_training_run
-from backend.projects.models import Membership, Project, Role
+from backend.projects.models import Membership, Role
 from backend.projects.services import create_project
 from ml_worker import synth
-from tests.backend.conftest import client_for, subprocess_env
+from tests.backend.conftest import _free_port, client_for, subprocess_env
 from tests.backend.factories import encode, label_png
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -71,15 +71,10 @@ def submit_truth(user, tile_id: int, truth: np.ndarray):
     assert response.status_code == 201, response.content
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture
 def asgi_server(tmp_path):
-    port = free_port()
+    port = _free_port()
     log = open(tmp_path / "daphne.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "backend.karyo.asgi:application"],

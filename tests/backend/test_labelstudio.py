@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -39,7 +38,7 @@ from backend.labelstudio.models import AnnotationSync, LabelStudioLink, TaskLink
 from backend.ml.models import ModelStatus, ModelVersion, Prediction, TrainingRun
 from backend.projects.models import Membership, Role
 from backend.projects.services import create_project
-from tests.backend.conftest import client_for
+from tests.backend.conftest import _free_port, client_for
 from tests.backend.factories import rgb_png
 from tests.conftest import SERVICES
 
@@ -52,11 +51,6 @@ TIMINGS = {}
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(condition, *, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
@@ -120,7 +114,7 @@ def label_studio(tmp_path_factory):
             pytest.fail(message)
         pytest.skip(message)
     folder = tmp_path_factory.mktemp("label-studio")
-    server = LabelStudioServer(folder / "data", free_port(), folder / "label-studio.log")
+    server = LabelStudioServer(folder / "data", _free_port(), folder / "label-studio.log")
     TIMINGS["label_studio_start_s"] = round(server.start(), 1)
     yield server
     server.stop()

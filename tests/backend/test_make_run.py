@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tests.backend.conftest import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(var_dir: Path, port: int, log: Path) -> subprocess.Popen:
@@ -50,7 +45,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def test_make_run_serves_the_demo_and_stops_every_process_on_ctrl_c(tmp_path):
-    port = free_port()
+    port = _free_port()
     log = tmp_path / "run.log"
     runner = start(tmp_path / "var", port, log)
     try:
