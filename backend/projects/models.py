@@ -60,6 +60,18 @@ class Project(models.Model):
         default=False, help_text="Train only on reviewed annotations (otherwise submitted ones count too)."
     )
     licence = models.CharField(max_length=200, blank=True)
+    context_margin = models.PositiveIntegerField(
+        default=64, help_text="Pixels of surrounding image shown around a tile in the workspace."
+    )
+    working_mpp = models.FloatField(
+        default=0.5,
+        help_text="Working resolution in microns per pixel: slides scanned at another resolution are resampled to it; "
+        "images without a resolution in their metadata are taken to be at this one.",
+    )
+    min_tissue_fraction = models.FloatField(
+        default=0.05, help_text="A tile becomes a unit of work only when at least this fraction of it is tissue."
+    )
+    archived_at = models.DateTimeField(null=True, blank=True, help_text="When the project was archived (read-only).")
     training_defaults = models.JSONField(
         default=dict, blank=True, help_text="TrainConfig overrides used by every run of this project (epochs, width, ...)."
     )
@@ -82,6 +94,12 @@ class Project(models.Model):
             raise ValidationError({"tile_size": "tile size must be between 32 and 4096 pixels"})
         if self.tile_overlap >= self.tile_size:
             raise ValidationError({"tile_overlap": "overlap must be smaller than the tile size"})
+        if self.context_margin > 1024:
+            raise ValidationError({"context_margin": "context margin must be between 0 and 1024 pixels"})
+        if not 0.05 <= self.working_mpp <= 20:
+            raise ValidationError({"working_mpp": "working resolution must be between 0.05 and 20 microns per pixel"})
+        if not 0 <= self.min_tissue_fraction <= 1:
+            raise ValidationError({"min_tissue_fraction": "minimum tissue fraction must be between 0 and 1"})
 
 
 class Membership(models.Model):
