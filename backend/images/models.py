@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import uuid
+
 from django.conf import settings
 from django.db import models
 
@@ -12,17 +14,43 @@ class Split(models.TextChoices):
     VAL = "val", "Validation"
 
 
+class ImageState(models.TextChoices):
+    INGESTING = "ingesting", "Ingesting"
+    READY = "ready", "Ready"
+    FAILED = "failed", "Failed"
+
+
+class ImageKind(models.TextChoices):
+    SLIDE = "slide", "Whole-slide image (pyramid)"
+    IMAGE = "image", "Single image"
+
+
 class Image(models.Model):
-    """An uploaded slide region. Files are content-addressed, so the same bytes are stored once."""
+    """An uploaded slide or image region. Files are content-addressed, so the same bytes are stored once.
+
+    ``width``/``height`` are level-0 pixels (0 until ingest has read the header). Tiles are cut in
+    the background (``state``): their pixels are read from ``file`` on demand (``pixels.py``).
+    """
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="images")
     name = models.CharField(max_length=255)
     file = models.FileField(max_length=255)
     sha256 = models.CharField(max_length=64, db_index=True)
     format = models.CharField(max_length=8)
-    width = models.PositiveIntegerField()
-    height = models.PositiveIntegerField()
-    microns_per_pixel = models.FloatField(null=True, blank=True)
+    width = models.PositiveIntegerField(default=0)
+    height = models.PositiveIntegerField(default=0)
+    microns_per_pixel = models.FloatField(
+        null=True, blank=True, help_text="Level-0 resolution from the file's metadata (or the uploader); "
+        "None: taken to be the project's working resolution."
+    )
+    state = models.CharField(max_length=16, choices=ImageState.choices, default=ImageState.READY)
+    state_reason = models.CharField(max_length=500, blank=True, default="")
+    ingest_progress = models.FloatField(default=1.0)
+    kind = models.CharField(max_length=8, choices=ImageKind.choices, default=ImageKind.IMAGE)
+    levels = models.PositiveIntegerField(default=1)
+    tiles_grid = models.PositiveIntegerField(default=0, help_text="Tiles in the whole grid over the image.")
+    tiles_kept = models.PositiveIntegerField(default=0, help_text="Grid tiles with enough tissue to become Tile rows.")
+    thumbnail = models.FileField(max_length=255, blank=True, default="")
     split = models.CharField(max_length=8, choices=Split.choices, default=Split.UNASSIGNED, blank=True)
     uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -36,7 +64,13 @@ class Image(models.Model):
 
 
 class Tile(models.Model):
-    """A region of an image that is annotated and predicted as one unit."""
+    """A region of an image that is annotated and predicted as one unit.
+
+    ``x``, ``y``: the tile's origin in level-0 pixels of the image. ``w``, ``h``: its size in pixels
+    at the project's working resolution (the shape of its pixel array and of its annotation masks).
+    On an image whose level-0 resolution equals the working one (every image without MPP metadata)
+    the two grids coincide; otherwise the tile covers ``w * working_mpp / image_mpp`` level-0 pixels.
+    """
 
     image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="tiles")
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="tiles")
@@ -44,7 +78,11 @@ class Tile(models.Model):
     y = models.PositiveIntegerField()
     w = models.PositiveIntegerField()
     h = models.PositiveIntegerField()
-    file = models.FileField(max_length=255, help_text="The tile's pixels as RGB PNG.")
+    file = models.FileField(
+        max_length=255, blank=True, default="",
+        help_text="Legacy: tiles cut before slides were read on demand kept their pixels as a PNG here. "
+        "New tiles leave it empty; read pixels with backend.images.pixels.read_tile_rgb.",
+    )
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["image", "x", "y", "w", "h"], name="unique_tile_region")]
@@ -127,3 +165,33 @@ class Annotation(models.Model):
 
     def delete(self, *args, **kwargs):
         raise AppendOnlyViolation("annotation versions are never deleted")
+
+
+class UploadState(models.TextChoices):
+    RECEIVING = "receiving", "Receiving"
+    COMPLETE = "complete", "Complete"
+
+
+class Upload(models.Model):
+    """A chunked, resumable upload of one file: parts land under ``uploads/<id>/`` (local storage)
+    or in an S3 multipart upload, and ``complete`` assembles them into an Image."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="uploads")
+    filename = models.CharField(max_length=255)
+    size = models.PositiveBigIntegerField()
+    chunk_size = models.PositiveIntegerField()
+    mode = models.CharField(max_length=8, default="local")
+    s3_key = models.CharField(max_length=512, blank=True, default="")
+    s3_upload_id = models.CharField(max_length=512, blank=True, default="")
+    state = models.CharField(max_length=16, choices=UploadState.choices, default=UploadState.RECEIVING)
+    image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]
+
+    @property
+    def chunk_count(self) -> int:
+        return max(1, -(-self.size // self.chunk_size))
