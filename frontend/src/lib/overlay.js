@@ -1,0 +1,270 @@
+// The slide viewer's overlay: nuclei outlines and the tile grid drawn on one canvas over
+// OpenSeadragon, in level-0 pixel coordinates. Only what is in view is fetched and drawn, so a
+// slide with 100,000 nuclei stays smooth: nuclei are kept per tile in a bounded cache, indexed in
+// a uniform grid of buckets, and below a zoom threshold the outlines give way to tile-level
+// summaries (the grid coloured by status or uncertainty). Pure apart from the canvas context
+// passed in, so test/overlay.test.js checks the culling under node.
+
+// Below this many screen pixels per level-0 pixel, outlines are not drawn (nor fetched): a
+// nucleus of ~15 px would be a few screen pixels, and one viewport would hold tens of thousands.
+export const OUTLINE_MIN_SCALE = 0.2;
+// Cached nuclei beyond this are evicted, least recently seen tiles first.
+export const MAX_CACHED_NUCLEI = 60000;
+
+export function intersects(a, b) {
+  return a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h;
+}
+
+export function bboxOf(points) {
+  let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+  for (const [x, y] of points) {
+    if (x < x0) x0 = x;
+    if (x > x1) x1 = x;
+    if (y < y0) y0 = y;
+    if (y > y1) y1 = y;
+  }
+  return { x: x0, y: y0, w: Math.max(0, x1 - x0), h: Math.max(0, y1 - y0) };
+}
+
+// Items with a bounding box ({x, y, w, h}) in square buckets; query(rect) returns each item
+// whose box intersects rect once.
+export class GridIndex {
+  constructor(cell = 512) {
+    this.cell = cell;
+    this.buckets = new Map();
+    this.size = 0;
+  }
+
+  cells(box, visit) {
+    const c = this.cell;
+    const x0 = Math.floor(box.x / c), x1 = Math.floor((box.x + box.w) / c);
+    const y0 = Math.floor(box.y / c), y1 = Math.floor((box.y + box.h) / c);
+    for (let cy = y0; cy <= y1; cy += 1) for (let cx = x0; cx <= x1; cx += 1) visit(`${cx},${cy}`);
+  }
+
+  insert(item, box = item.box) {
+    this.size += 1;
+    this.cells(box, (key) => {
+      let bucket = this.buckets.get(key);
+      if (!bucket) this.buckets.set(key, (bucket = []));
+      bucket.push(item);
+    });
+  }
+
+  query(rect) {
+    const seen = new Set();
+    const out = [];
+    this.cells(rect, (key) => {
+      for (const item of this.buckets.get(key) || []) {
+        if (seen.has(item)) continue;
+        seen.add(item);
+        if (intersects(item.box, rect)) out.push(item);
+      }
+    });
+    return out;
+  }
+}
+
+// Level-0 rectangle -> screen: x_screen = offsetX + scale * x (OpenSeadragon never rotates here).
+export function viewTransform(osd, viewer) {
+  const p0 = viewer.viewport.imageToViewerElementCoordinates(new osd.Point(0, 0));
+  const p1 = viewer.viewport.imageToViewerElementCoordinates(new osd.Point(1000, 0));
+  return { scale: (p1.x - p0.x) / 1000, offsetX: p0.x, offsetY: p0.y };
+}
+
+// The level-0 rectangle a viewer element of width x height shows, clipped to the image.
+export function visibleRect(transform, width, height, image) {
+  const x0 = Math.max(0, -transform.offsetX / transform.scale);
+  const y0 = Math.max(0, -transform.offsetY / transform.scale);
+  const x1 = Math.min(image.width, (width - transform.offsetX) / transform.scale);
+  const y1 = Math.min(image.height, (height - transform.offsetY) / transform.scale);
+  return { x: x0, y: y0, w: Math.max(0, x1 - x0), h: Math.max(0, y1 - y0) };
+}
+
+export function grow(rect, fraction, image) {
+  const dx = rect.w * fraction, dy = rect.h * fraction;
+  const x = Math.max(0, rect.x - dx), y = Math.max(0, rect.y - dy);
+  return { x, y, w: Math.min(image.width, rect.x + rect.w + dx) - x, h: Math.min(image.height, rect.y + rect.h + dy) - y };
+}
+
+export function showOutlines(scale) {
+  return scale >= OUTLINE_MIN_SCALE;
+}
+
+// Nuclei kept per tile. The nuclei endpoint answers with every nucleus of each tile that
+// intersects the asked rectangle, so after a complete (not truncated) answer those tiles are
+// known and never asked for again until evicted.
+export class NucleusCache {
+  constructor(tiles, { maxNuclei = MAX_CACHED_NUCLEI, cell = 512 } = {}) {
+    this.tiles = new GridIndex(Math.max(cell, 256));
+    for (const t of tiles) this.tiles.insert({ ...t, box: { x: t.x, y: t.y, w: t.w, h: t.h } });
+    this.loaded = new Map(); // tile id -> {nuclei, seen}
+    this.maxNuclei = maxNuclei;
+    this.cell = cell;
+    this.count = 0;
+    this.clock = 0;
+    this.index = new GridIndex(cell);
+  }
+
+  tilesIn(rect) {
+    return this.tiles.query(rect);
+  }
+
+  // The rectangle to ask the server for so that `rect` is fully known, or null when it is.
+  missing(rect) {
+    const todo = this.tilesIn(rect).filter((t) => !this.loaded.has(t.id));
+    if (!todo.length) return null;
+    const x0 = Math.min(...todo.map((t) => t.x)), y0 = Math.min(...todo.map((t) => t.y));
+    const x1 = Math.max(...todo.map((t) => t.x + t.w)), y1 = Math.max(...todo.map((t) => t.y + t.h));
+    // Asking only for the part of those tiles inside rect keeps the answer to rect's tiles.
+    const x = Math.max(x0, rect.x), y = Math.max(y0, rect.y);
+    return { x, y, w: Math.min(x1, rect.x + rect.w) - x, h: Math.min(y1, rect.y + rect.h) - y };
+  }
+
+  // Stores an answer of the nuclei endpoint for `rect`. A truncated answer is drawn but not
+  // kept: its tiles stay unknown, so the next (smaller) view asks again.
+  add(rect, { nuclei, truncated }) {
+    const byTile = new Map();
+    for (const n of nuclei) {
+      if (!byTile.has(n.tile_id)) byTile.set(n.tile_id, []);
+      byTile.get(n.tile_id).push({ ...n, box: bboxOf(n.polygon) });
+    }
+    this.partial = null;
+    if (truncated) {
+      this.partial = [...byTile.values()].flat();
+    } else {
+      const stamp = ++this.clock;
+      const ids = new Set([...this.tilesIn(rect).map((t) => t.id), ...byTile.keys()]);
+      for (const id of ids) {
+        const old = this.loaded.get(id);
+        if (old) this.count -= old.nuclei.length;
+        const list = byTile.get(id) || [];
+        this.loaded.set(id, { nuclei: list, seen: stamp });
+        this.count += list.length;
+      }
+    }
+    this.rebuild();
+  }
+
+  touch(rect) {
+    const stamp = ++this.clock;
+    for (const t of this.tilesIn(rect)) {
+      const entry = this.loaded.get(t.id);
+      if (entry) entry.seen = stamp;
+    }
+  }
+
+  evict() {
+    if (this.count <= this.maxNuclei) return false;
+    const oldest = [...this.loaded.entries()].sort((a, b) => a[1].seen - b[1].seen);
+    for (const [id, entry] of oldest) {
+      if (this.count <= this.maxNuclei * 0.8) break;
+      this.loaded.delete(id);
+      this.count -= entry.nuclei.length;
+    }
+    return true;
+  }
+
+  rebuild() {
+    this.evict();
+    this.index = new GridIndex(this.cell);
+    for (const entry of this.loaded.values()) for (const n of entry.nuclei) this.index.insert(n);
+    for (const n of this.partial || []) this.index.insert(n);
+  }
+
+  visible(rect) {
+    return this.index.query(rect);
+  }
+}
+
+export const STATUS_COLORS = {
+  unlabelled: "#9aa3b2",
+  queued: "#f59e0b",
+  draft: "#a78bfa",
+  submitted: "#3b82f6",
+  reviewed: "#16a34a",
+  rejected: "#ef4444",
+};
+
+// Uncertainty from low (blue) to high (red), on the scores' own range.
+export function uncertaintyColor(score, lo, hi) {
+  if (typeof score !== "number" || !Number.isFinite(score)) return null;
+  const t = hi > lo ? Math.max(0, Math.min(1, (score - lo) / (hi - lo))) : 0.5;
+  const stops = [[49, 54, 149], [116, 173, 209], [254, 224, 144], [244, 109, 67], [165, 0, 38]];
+  const at = t * (stops.length - 1);
+  const i = Math.min(stops.length - 2, Math.floor(at));
+  const f = at - i;
+  const c = stops[i].map((v, k) => Math.round(v + (stops[i + 1][k] - v) * f));
+  return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+}
+
+export function scoreRange(tiles) {
+  const scores = tiles.map((t) => t.score).filter((s) => typeof s === "number" && Number.isFinite(s));
+  if (!scores.length) return null;
+  return { lo: Math.min(...scores), hi: Math.max(...scores) };
+}
+
+export function tileAt(tiles, x, y) {
+  return tiles.find((t) => x >= t.x && x < t.x + t.w && y >= t.y && y < t.y + t.h) || null;
+}
+
+// Draws the overlay for one frame; returns what it drew (the viewer exposes it for tests).
+// ctx: a 2D context already cleared; dpr: device pixels per CSS pixel.
+export function drawOverlay(ctx, { transform, rect, dpr = 1, cache, gridMode = "status", outlines = true, classColors = {},
+  range = null, hover = null }) {
+  const { scale, offsetX, offsetY } = transform;
+  ctx.setTransform(dpr * scale, 0, 0, dpr * scale, dpr * offsetX, dpr * offsetY);
+  const px = 1 / scale; // one screen pixel in level-0 pixels
+  const drawn = { tiles: 0, nuclei: 0, mode: "summary" };
+  const tiles = cache.tilesIn(rect);
+  if (gridMode !== "off") {
+    for (const t of tiles) {
+      const color = gridMode === "uncertainty" ? uncertaintyColor(t.score, range?.lo ?? 0, range?.hi ?? 1) : STATUS_COLORS[t.status] || STATUS_COLORS.unlabelled;
+      if (color) {
+        ctx.globalAlpha = gridMode === "uncertainty" ? 0.35 : (t.status && t.status !== "unlabelled" ? 0.22 : 0.06);
+        ctx.fillStyle = color;
+        ctx.fillRect(t.x, t.y, t.w, t.h);
+      }
+      ctx.globalAlpha = 0.7;
+      ctx.strokeStyle = color || STATUS_COLORS.unlabelled;
+      ctx.lineWidth = px;
+      ctx.strokeRect(t.x, t.y, t.w, t.h);
+      drawn.tiles += 1;
+    }
+  }
+  if (hover) {
+    ctx.globalAlpha = 1;
+    ctx.strokeStyle = "#6a1b9a";
+    ctx.lineWidth = 3 * px;
+    ctx.strokeRect(hover.x, hover.y, hover.w, hover.h);
+  }
+  if (outlines && showOutlines(scale)) {
+    drawn.mode = "outlines";
+    const byColor = new Map();
+    for (const n of cache.visible(rect)) {
+      const color = classColors[n.class_id] || "#00e5ff";
+      if (!byColor.has(color)) byColor.set(color, []);
+      byColor.get(color).push(n);
+    }
+    ctx.globalAlpha = 0.95;
+    ctx.lineWidth = 1.5 * px;
+    ctx.lineJoin = "round";
+    // One path per class colour: a stroke per nucleus would cost ~100x more at 10,000 in view.
+    for (const [color, list] of byColor) {
+      ctx.strokeStyle = color;
+      ctx.beginPath();
+      for (const n of list) {
+        const pts = n.polygon;
+        if (pts.length < 2) continue;
+        ctx.moveTo(pts[0][0], pts[0][1]);
+        for (let i = 1; i < pts.length; i += 1) ctx.lineTo(pts[i][0], pts[i][1]);
+        ctx.closePath();
+        drawn.nuclei += 1;
+      }
+      ctx.stroke();
+    }
+  }
+  ctx.globalAlpha = 1;
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  return drawn;
+}
