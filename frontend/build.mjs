@@ -45,10 +45,23 @@ mkdirSync(vendor, { recursive: true });
 cpSync(join(lsBuild, "js/main.js"), join(vendor, "main.js"));
 cpSync(join(lsBuild, "js/main.js.LICENSE.txt"), join(vendor, "main.js.LICENSE.txt"));
 cpSync(join(lsBuild, "css/main.css"), join(vendor, "main.css"));
+// OpenSeadragon (the slide viewer): its UMD build and button images, loaded by pages/slide.js.
+const OPENSEADRAGON = JSON.parse(readFileSync(join(here, "node_modules/openseadragon/package.json"), "utf8")).version;
+const osdBuild = join(here, "node_modules/openseadragon/build/openseadragon");
+if (!existsSync(join(osdBuild, "openseadragon.min.js"))) {
+  console.error("OpenSeadragon is missing: run `npm ci` in frontend/ first (or `make frontend`).");
+  process.exit(1);
+}
+const osdVendor = join(dist, `vendor/openseadragon-${OPENSEADRAGON}`);
+mkdirSync(osdVendor, { recursive: true });
+cpSync(join(osdBuild, "openseadragon.min.js"), join(osdVendor, "openseadragon.min.js"));
+cpSync(join(here, "node_modules/openseadragon/LICENSE.txt"), join(osdVendor, "LICENSE.txt"));
+cpSync(join(osdBuild, "images"), join(osdVendor, "images"), { recursive: true });
 const manifest = {
   version,
   entry: `app-${version}/main.js`,
   css: [`app-${version}/styles.css`],
+  openseadragon: { version: OPENSEADRAGON, js: `vendor/openseadragon-${OPENSEADRAGON}/openseadragon.min.js`, images: `vendor/openseadragon-${OPENSEADRAGON}/images/` },
   label_studio: { version: LABEL_STUDIO, js: `vendor/label-studio-${LABEL_STUDIO}/main.js`, css: `vendor/label-studio-${LABEL_STUDIO}/main.css` },
 };
 writeFileSync(join(dist, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
