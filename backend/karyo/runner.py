@@ -1,43 +1,176 @@
-"""`make run`: set up the embedded platform and run every process it needs in the foreground.
+"""`make run`: set up the embedded platform and supervise every process it needs in the foreground.
 
 Idempotent: migrations, the admin account and the demo projects are created only when missing.
-Ctrl-C (or any child dying) stops every process this started.
+
+Processes: web servers (Daphne, ``KARYO_WEB_PROCESSES`` of them sharing one listening socket that
+this runner binds before anything else, so a port held by someone else is reported at once and
+can never be mistaken for ours), a ``gpu`` worker (train, predict, rank: one task at a time), a
+``cpu`` worker (ingest, exports, Label Studio, periodic checks: never waits behind training), one
+beat (a lock file under the var folder means never two), and Label Studio when installed.
+
+A crashed process is restarted; one that keeps crashing stops everything. Ctrl-C (or SIGTERM)
+stops every process and its children: a training run in progress is stopped within seconds and
+left ``failed`` with the reason (the gpu worker's shutdown handler in ``backend.ml.tasks``).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 VAR = Path(os.environ.get("KARYO_VAR_DIR", ROOT / "var")).resolve()
+RESTART_LIMIT = 5  # restarts of one process within RESTART_WINDOW before the runner gives up
+RESTART_WINDOW = 120.0
+STOP_GRACE_SECONDS = 30.0
 
 
 def manage(*args: str) -> None:
     subprocess.run([PY, "manage.py", *args], cwd=ROOT, check=True)
 
 
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The web servers' listening socket, held by the runner for its whole life (raises OSError when taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(512)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def take_var_lock(var: Path):
+    """One runner per var folder: two would run two beats and race on the same SQLite files."""
+    var.mkdir(parents=True, exist_ok=True)
+    handle = open(var / "runner.lock", "w")  # noqa: SIM115 - held open (locked) for the runner's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+@dataclass
+class Service:
+    name: str
+    command: list[str]
+    optional: bool = False  # Label Studio: Karyo goes on without it
+    env: dict[str, str] | None = None
+    pass_fds: tuple[int, ...] = ()
+    process: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        # A new session (process group): Ctrl-C reaches only the runner, which stops children in order,
+        # and killpg reaches a worker's own children (prefork pool) too.
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, pass_fds=self.pass_fds,
+                                        start_new_session=True)
+        print(f"karyo: started {self.name} (pid {self.process.pid})", flush=True)
+
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def signal_group(self, sig: int) -> None:
+        if self.process is None:
+            return
         try:
-            sock.bind((host, port))
-        except OSError:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def services(*, listener: socket.socket, web_processes: int, label_studio) -> list[Service]:
+    fd = listener.fileno()
+    celery = [PY, "-m", "celery", "-A", "backend.karyo"]
+    quiet = ["--without-gossip", "--without-mingle"]
+    out = [
+        Service(f"web-{i + 1}", [PY, "-m", "daphne", "--fd", str(fd), "backend.karyo.asgi:application"], pass_fds=(fd,))
+        for i in range(web_processes)
+    ]
+    out += [
+        # Solo pool: one task at a time in the worker's own process, so the shutdown handler reaches
+        # the training loop (a prefork child would not see it) and PyTorch is never forked.
+        Service("worker-gpu", [*celery, "worker", "-Q", "gpu", "--pool", "solo", "--hostname", "gpu@%h", "-l", "INFO",
+                               *quiet]),
+        Service("worker-cpu", [*celery, "worker", "-Q", "cpu", "--concurrency", "2", "--hostname", "cpu@%h",
+                               "-l", "INFO", *quiet]),
+        # celery's pidfile refuses a second beat on the same var folder, and removes a stale one.
+        Service("beat", [*celery, "beat", "-l", "INFO", "--schedule", str(VAR / "celerybeat-schedule"),
+                         "--pidfile", str(VAR / "celerybeat.pid")]),
+    ]
+    if label_studio is not None:
+        out.append(Service("label-studio", label_studio.command, optional=True, env=label_studio.env))
+    return out
+
+
+def wait_until_serving(url: str, web: list[Service], timeout: float, stopping) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stopping():
+        if all(s.exited() for s in web):
             return False
-    return True
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def stop_all(running: list[Service]) -> None:
+    # Web first (no new work arrives), then beat, then workers (a training run stops at its next step).
+    order = sorted(running, key=lambda s: (not s.name.startswith("web"), s.name != "beat"))
+    for service in order:
+        if service.process is not None and service.process.poll() is None:
+            service.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for service in order:
+        if service.process is None:
+            continue
+        try:
+            service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"karyo: {service.name} did not stop in {STOP_GRACE_SECONDS:.0f}s; killing it", file=sys.stderr)
+        # Whatever is left in its process group (a prefork child, a beat it spawned) goes too: no orphans.
+        service.signal_group(signal.SIGKILL)
+        try:
+            service.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "backend.karyo.settings")
     host = os.environ.get("KARYO_HOST", "127.0.0.1")
     port = int(os.environ.get("KARYO_PORT", "8000"))
-    if not port_is_free(host, port):
-        print(f"error: {host}:{port} is in use; stop what runs there or set KARYO_PORT", file=sys.stderr)
+    web_processes = max(1, int(os.environ.get("KARYO_WEB_PROCESSES", "2")))
+    lock = take_var_lock(VAR)
+    if lock is None:
+        print(f"error: another `make run` is using {VAR} (see {VAR / 'runner.lock'}); stop it first",
+              file=sys.stderr)
+        return 2
+    try:
+        listener = bind_listener(host, port)
+    except OSError as exc:
+        print(f"error: {host}:{port} is taken ({exc.strerror}); stop what runs there or set KARYO_PORT",
+              file=sys.stderr)
         return 2
     started = time.monotonic()
     print("karyo: migrating the database ...", flush=True)
@@ -56,21 +189,6 @@ def main() -> int:
         os.environ.update(label_studio.karyo_env)
         os.environ.setdefault("KARYO_PUBLIC_URL", f"http://{host}:{port}")
 
-    commands = {
-        "web": [PY, "-m", "daphne", "-b", host, "-p", str(port), "backend.karyo.asgi:application"],
-        "worker": [PY, "-m", "celery", "-A", "backend.karyo", "worker", "-Q", "gpu,cpu", "--concurrency", "1",
-                   "--hostname", "embedded@%h", "-l", "INFO", "--without-gossip", "--without-mingle",
-                   # Embedded beat: periodic checks (stale runs) without one more process.
-                   "--beat", "--schedule", str(VAR / "celerybeat-schedule")],
-    }
-    children: dict[str, subprocess.Popen] = {}
-    for name, command in commands.items():
-        # A new process group, so that Ctrl-C reaches us once and we stop children in order.
-        children[name] = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
-    if label_studio is not None:
-        children["label-studio"] = subprocess.Popen(label_studio.command, cwd=ROOT, env=label_studio.env,
-                                                    start_new_session=True)
-
     stopping = False
 
     def stop(*_args) -> None:
@@ -79,36 +197,44 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    deadline = time.monotonic() + 60
-    while not stopping and port_is_free(host, port) and time.monotonic() < deadline:
-        if children["web"].poll() is not None:
-            break
-        time.sleep(0.2)
-    print(f"\nkaryo: ready in {time.monotonic() - started:.0f}s at http://{host}:{port}/  "
-          f"(API docs: /api/docs/, admin: /admin/). Ctrl-C stops everything.\n", flush=True)
+    running = services(listener=listener, web_processes=web_processes, label_studio=label_studio)
+    for service in running:
+        service.start()
     exit_code = 0
     try:
+        web = [s for s in running if s.name.startswith("web")]
+        url_host = f"[{host}]" if ":" in host else host
+        if not wait_until_serving(f"http://{url_host}:{port}/healthz", web, 120, lambda: stopping):
+            if not stopping:
+                print(f"karyo: the web server did not answer on {host}:{port}; stopping", file=sys.stderr)
+                return 1
+        else:
+            print(f"\nkaryo: ready in {time.monotonic() - started:.0f}s at http://{url_host}:{port}/  "
+                  f"(API docs: /api/docs/, admin: /admin/). Ctrl-C stops everything.\n", flush=True)
         while not stopping:
-            for name, child in list(children.items()):
-                if child.poll() is not None and name == "label-studio":  # optional: Karyo goes on
-                    print(f"karyo: Label Studio exited with code {child.returncode}; Karyo goes on without it",
-                          file=sys.stderr)
-                    del children[name]
-                elif child.poll() is not None:
-                    print(f"karyo: {name} exited with code {child.returncode}; stopping the rest", file=sys.stderr)
-                    exit_code = 1
-                    stopping = True
+            for service in list(running):
+                if not service.exited():
+                    continue
+                code = service.process.returncode
+                if service.optional:
+                    print(f"karyo: {service.name} exited with code {code}; Karyo goes on without it", file=sys.stderr)
+                    running.remove(service)
+                    continue
+                now = time.monotonic()
+                service.restarts = [t for t in service.restarts if now - t < RESTART_WINDOW] + [now]
+                if len(service.restarts) > RESTART_LIMIT:
+                    print(f"karyo: {service.name} exited with code {code} {RESTART_LIMIT} times within "
+                          f"{RESTART_WINDOW:.0f}s; stopping everything", file=sys.stderr)
+                    exit_code, stopping = 1, True
+                    break
+                print(f"karyo: {service.name} exited with code {code}; restarting it", file=sys.stderr, flush=True)
+                service.signal_group(signal.SIGKILL)  # its children, if any survived it
+                service.start()
             time.sleep(0.3)
     finally:
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for child in children.values():
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_all(running)
+        listener.close()
+        lock.close()
         print("karyo: stopped", flush=True)
     return exit_code
 

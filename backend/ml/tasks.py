@@ -2,9 +2,17 @@
 from __future__ import annotations
 
 from celery import shared_task
+from celery.signals import worker_shutting_down
 
 from . import workflows
 from .services import fail_stale_runs
+
+
+@worker_shutting_down.connect
+def _stop_training_on_shutdown(**_kwargs) -> None:
+    # Runs in the worker's main process on Ctrl-C/SIGTERM: with the solo pool that is where the
+    # training loop runs, and it stops at its next step instead of finishing every epoch.
+    workflows.WORKER_STOPPING.set()
 
 
 @shared_task(name="karyo.gpu.train", bind=True, acks_late=True)

@@ -9,28 +9,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from django.conf import settings
-from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from backend.common.storage import StagedWrites, encode_png, read_bytes, read_label_map, read_rgb
+from backend.common.storage import StagedWrites, encode_png, read_bytes, read_label_map
 from backend.images.models import Split, Tile
+from backend.images.pixels import read_tile_rgb
 from backend.images.selectors import training_annotations
 from backend.projects.models import Project
 
 from . import events
-from .models import ModelStatus, ModelVersion, Prediction, RunStatus, TrainingRun
+from .models import ModelStatus, ModelVersion, Prediction, QueueEntry, RunStatus, TrainingRun
 from .services import after_promotion, gate, promote, replace_queue, unlabelled_tiles
+from .signals import queue_ranked
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
+# Set by the worker's shutdown signal (tasks.py): a training run stops at its next step and is failed
+# with a reason, instead of holding Ctrl-C for minutes or being left `running`.
+WORKER_STOPPING = threading.Event()
+STOPPED_BY_SHUTDOWN = "Karyo's worker was stopped during training (shut down or restarted); start the run again"
 _model_cache: dict[int, tuple[Any, Any, dict]] = {}
 
 
@@ -58,7 +62,7 @@ class Heartbeat:
         finally:
             connection.close()
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -75,7 +79,7 @@ def load_samples(*, project: Project) -> tuple[list, list]:
     for annotation in training_annotations(project=project).order_by("tile_id"):
         tile = annotation.tile
         sample = Sample(
-            name=f"tile-{tile.pk}", image=read_rgb(tile.file.name), instances=read_label_map(annotation.mask.name)
+            name=f"tile-{tile.pk}", image=read_tile_rgb(tile), instances=read_label_map(annotation.mask.name)
         )
         (val if tile.image.split == Split.VAL else train).append(sample)
     return train, val
@@ -118,8 +122,6 @@ def _claim(run_id: int, task_id: str) -> TrainingRun | None:
 
 
 def run_training(*, run_id: int, task_id: str = "") -> str:
-    from ml_worker.training import TrainConfig, evaluate_samples, load_for_inference, train
-
     run = _claim(run_id, task_id)
     if run is None:
         return "skipped"
@@ -130,6 +132,8 @@ def run_training(*, run_id: int, task_id: str = "") -> str:
     last_check = [0.0, False]
 
     def should_stop() -> bool:
+        if WORKER_STOPPING.is_set():
+            return True
         if time.monotonic() - last_check[0] > 1.0:
             last_check[0] = time.monotonic()
             last_check[1] = TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists()
@@ -148,50 +152,112 @@ def run_training(*, run_id: int, task_id: str = "") -> str:
             events.publish(project.pk, "run.step", run=run.pk, **{k: v for k, v in event.items() if k != "event"})
 
     try:
+        # The heartbeat covers gating and storing too: a worker killed at any moment of the run
+        # leaves a stale heartbeat that fail_stale_runs notices, and a slow gating is never taken for one.
         with Heartbeat(run.pk):
-            train_samples, val_samples = load_samples(project=project)
-            if not train_samples:
-                raise RuntimeError("no accepted annotations on training images")
-            note = ""
-            if not val_samples:
-                val_samples = train_samples
-                note = " (no validation images are annotated yet: metrics are on training data)"
-            options = dict(run.config)
-            width = options.pop("width", None)
-            config = TrainConfig(
-                arch=run.architecture,
-                model_kwargs={"width": width} if width else {},
-                out_dir=str(out_dir),
-                resume=str(out_dir / "last.pt") if (out_dir / "last.pt").exists() else None,
-                **options,
-            )
-            init = None
-            if run.warm_start_id and run.warm_start.weights:
-                init = runs_dir() / "cache" / f"warm-{run.warm_start_id}.pt"
-                init.parent.mkdir(parents=True, exist_ok=True)
-                init.write_bytes(read_bytes(run.warm_start.weights.name))
-                config = config.replace(init_weights=str(init))
-            result = train(config, train_samples, val_samples, progress=progress, should_stop=should_stop)
-        if result.status == "cancelled":
-            TrainingRun.objects.filter(pk=run.pk).update(status=RunStatus.CANCELLED, finished_at=timezone.now())
-            events.record(project.pk, "run.cancelled", f"training run {run.pk} stopped on request", run=run.pk)
-            return "cancelled"
-        metrics = dict(result.best_metrics)
-        active = ModelVersion.objects.filter(project=project, status=ModelStatus.ACTIVE).first()
-        active_metrics = None
-        if active is not None:
-            # Re-measured now, on the same frozen split, so the comparison is fair.
-            model, normalizer, _meta = load_model(active)
-            active_metrics, _ = evaluate_samples(model, val_samples, tile_size=config.tile_size, normalizer=normalizer)
-        ok, reason = gate(candidate=metrics, active=active_metrics)
-        weights_bytes = Path(result.best_path).read_bytes()
-        trained, _normalizer, _meta = load_for_inference(result.best_path)
-        with StagedWrites() as staged, transaction.atomic():
+            return _train_and_gate(run=run, project=project, out_dir=out_dir, progress=progress,
+                                   should_stop=should_stop)
+    except Exception as exc:
+        # The traceback goes to the server log only: viewers see the run's error, which must not
+        # reveal server paths or code.
+        log.exception("training run %s failed", run.pk)
+        reason = user_facing_reason(exc)
+        TrainingRun.objects.filter(pk=run.pk).update(status=RunStatus.FAILED, finished_at=timezone.now(), error=reason)
+        events.record(project.pk, "run.failed", f"training run {run.pk} failed: {reason}", run=run.pk)
+        return "failed"
+
+
+class RunFailure(Exception):
+    """A failure whose message is written for the project's members (shown as the run's error)."""
+
+
+def user_facing_reason(exc: BaseException) -> str:
+    """A short reason without paths or tracebacks; the details are in the worker's log."""
+    if isinstance(exc, RunFailure):
+        return str(exc)[:500]
+    if isinstance(exc, MemoryError):
+        return "the worker ran out of memory; use a smaller model width, batch size or tile size"
+    text = str(exc).lower()
+    if "out of memory" in text:
+        return "the GPU ran out of memory; use a smaller model width, batch size or tile size"
+    return f"training failed with an internal error ({type(exc).__name__}); the server log has the details"
+
+
+def _cancelled_or_stopping(run: TrainingRun) -> str | None:
+    if WORKER_STOPPING.is_set():
+        return "shutdown"
+    if TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists():
+        return "cancelled"
+    return None
+
+
+def _finish_stopped(*, run: TrainingRun, project: Project, why: str) -> str:
+    if why == "shutdown":
+        TrainingRun.objects.filter(pk=run.pk).update(status=RunStatus.FAILED, finished_at=timezone.now(),
+                                                     error=STOPPED_BY_SHUTDOWN)
+        events.record(project.pk, "run.failed", f"training run {run.pk} failed: {STOPPED_BY_SHUTDOWN}", run=run.pk)
+        return "failed"
+    TrainingRun.objects.filter(pk=run.pk).update(status=RunStatus.CANCELLED, finished_at=timezone.now())
+    events.record(project.pk, "run.cancelled", f"training run {run.pk} stopped on request", run=run.pk)
+    return "cancelled"
+
+
+def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progress, should_stop) -> str:
+    from ml_worker.training import TrainConfig, evaluate_samples, load_for_inference, train
+
+    train_samples, val_samples = load_samples(project=project)
+    if not train_samples:
+        raise RunFailure("no accepted annotations on training images")
+    note = ""
+    if not val_samples:
+        val_samples = train_samples
+        note = " (no validation images are annotated yet: metrics are on training data)"
+    options = dict(run.config)
+    width = options.pop("width", None)
+    config = TrainConfig(
+        arch=run.architecture,
+        model_kwargs={"width": width} if width else {},
+        out_dir=str(out_dir),
+        resume=str(out_dir / "last.pt") if (out_dir / "last.pt").exists() else None,
+        **options,
+    )
+    init = None
+    if run.warm_start_id and run.warm_start.weights:
+        init = runs_dir() / "cache" / f"warm-{run.warm_start_id}.pt"
+        init.parent.mkdir(parents=True, exist_ok=True)
+        init.write_bytes(read_bytes(run.warm_start.weights.name))
+        config = config.replace(init_weights=str(init))
+    result = train(config, train_samples, val_samples, progress=progress, should_stop=should_stop)
+    if result.status == "cancelled":
+        return _finish_stopped(run=run, project=project, why=_cancelled_or_stopping(run) or "cancelled")
+    metrics = dict(result.best_metrics)
+    active = ModelVersion.objects.filter(project=project, status=ModelStatus.ACTIVE).first()
+    active_metrics = None
+    if active is not None:
+        # Re-measured now, on the same frozen split, so the comparison is fair.
+        model, normalizer, _meta = load_model(active)
+        active_metrics, _ = evaluate_samples(model, val_samples, tile_size=config.tile_size, normalizer=normalizer)
+    ok, reason = gate(candidate=metrics, active=active_metrics)
+    weights_bytes = Path(result.best_path).read_bytes()
+    trained, _normalizer, _meta = load_for_inference(result.best_path)
+    with StagedWrites() as staged, transaction.atomic():
+        # Cancel is honoured up to promotion: checked under the run's row lock, in the same
+        # transaction that would store and promote the model (cancel_run updates that row).
+        locked = TrainingRun.objects.select_for_update().get(pk=run.pk)
+        if locked.status != RunStatus.RUNNING:
+            log.warning("training run %s became %s while it was gated; its model is not stored", run.pk, locked.status)
+            return "skipped"
+        if locked.cancel_requested or WORKER_STOPPING.is_set():
+            why = "shutdown" if WORKER_STOPPING.is_set() else "cancelled"
+        else:
+            why = None
+        if why is None:
             version = (ModelVersion.objects.filter(project=project).aggregate(v=Max("version"))["v"] or 0) + 1
             name = staged.save(f"models/{project.pk}/v{version}-run{run.pk}.pt", weights_bytes)
             model_version = ModelVersion.objects.create(
-                project=project, version=version, architecture=run.architecture, init_kwargs=dict(trained.init_kwargs),
-                weights=name, metrics={**metrics, "validation_note": note.strip(), "active_at_gating": active_metrics},
+                project=project, version=version, architecture=run.architecture,
+                init_kwargs=dict(trained.init_kwargs), weights=name,
+                metrics={**metrics, "validation_note": note.strip(), "active_at_gating": active_metrics},
                 training_run=run, status=ModelStatus.CANDIDATE, status_reason=reason + note,
             )
             TrainingRun.objects.filter(pk=run.pk).update(
@@ -200,17 +266,11 @@ def run_training(*, run_id: int, task_id: str = "") -> str:
             if ok:
                 promote(model_version=model_version, reason=reason + note)
                 after_promotion(project=project, model_version=model_version)
-        events.record(project.pk, "run.succeeded", f"training run {run.pk} produced model v{version}: {reason}",
-                      run=run.pk, model_version=model_version.pk, promoted=ok, metrics=metrics)
-        return "promoted" if ok else "candidate"
-    except Exception as exc:
-        log.exception("training run %s failed", run.pk)
-        TrainingRun.objects.filter(pk=run.pk).update(
-            status=RunStatus.FAILED, finished_at=timezone.now(),
-            error=f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc(limit=8)}",
-        )
-        events.record(project.pk, "run.failed", f"training run {run.pk} failed: {type(exc).__name__}: {exc}", run=run.pk)
-        return "failed"
+    if why is not None:
+        return _finish_stopped(run=run, project=project, why=why)
+    events.record(project.pk, "run.succeeded", f"training run {run.pk} produced model v{version}: {reason}",
+                  run=run.pk, model_version=model_version.pk, promoted=ok, metrics=metrics)
+    return "promoted" if ok else "candidate"
 
 
 def uncertainty_name(mask_name: str) -> str:
@@ -249,7 +309,7 @@ def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int
     done = 0
     for i, tile in enumerate(tiles):
         analysis = analyze_tile(
-            model, read_rgb(tile.file.name), normalizer=normalizer, tile_size=tile_size,
+            model, read_tile_rgb(tile), normalizer=normalizer, tile_size=tile_size,
             mc_samples=8 if project.al_strategy == "mc_dropout" else 0, tta=expensive and project.al_strategy == "tta",
         )
         png = encode_png(analysis.instances)
@@ -285,6 +345,7 @@ def run_ranking(*, project_id: int, strategy: str | None = None, batch_size: int
         rng = np.random.default_rng(seed)
         order = [pool[i] for i in rng.permutation(len(pool))]
         count = replace_queue(project=project, ordered=[(t, 0.0) for t in order], strategy="random", model_version=None)
+        queue_ranked.send(sender=QueueEntry, project=project, strategy="random", model_version=None)
         events.publish(project_id, "queue.ranked", strategy="random", size=count, model_version=None)
         return count
     predictions = {p.tile_id: p for p in Prediction.objects.filter(model_version=active, tile_id__in=pool)}
@@ -301,10 +362,8 @@ def run_ranking(*, project_id: int, strategy: str | None = None, batch_size: int
     ordered = [(ranked_ids[i], float(scores[i].get(key, 0.0))) for i in order] + [(t, 0.0) for t in missing]
     with transaction.atomic():
         count = replace_queue(project=project, ordered=ordered, strategy=strategy, model_version=active)
-        # Label Studio shows the same order (its prediction scores); a no-op when it is not configured.
-        from backend.labelstudio.services import schedule_push
-
-        schedule_push(project=project)
+        # Inside the transaction: a subscriber's on_commit work (Label Studio's push) follows the new queue.
+        queue_ranked.send(sender=QueueEntry, project=project, strategy=strategy, model_version=active)
     events.publish(project_id, "queue.ranked", strategy=strategy, size=count, model_version=active.pk,
                    top=[t for t, _ in ordered[:5]])
     return count
