@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
-from backend.images.models import Annotation, Tile
+from backend.images.models import Annotation, Image, Tile
 from backend.projects.models import ROLE_RANK, Project, Role
 from backend.projects.selectors import role_of
+from ml_worker import catalog
 
 from .assets import entry_assets, label_studio_assets
 
@@ -24,6 +26,11 @@ PAGES = {
     "training": "Training",
     "models": "Models",
     "exports": "Exports",
+    "images": "Images",
+    "upload": "Upload",
+    "slide": "Slide",
+    "new_project": "New project",
+    "settings": "Settings",
 }
 
 
@@ -38,6 +45,18 @@ class LoginView(auth_views.LoginView):
 
 class LogoutView(auth_views.LogoutView):
     next_page = LOGIN_URL
+
+
+class SetPasswordView(auth_views.PasswordResetConfirmView):
+    """The one-time link of an invitation (backend/projects/invitations.py): Django's
+    password-reset token, valid until the password is set. Signs the new member in."""
+
+    template_name = "set_password.html"
+    post_reset_login = True
+    success_url = "/"
+
+    def get_context_data(self, **kwargs):
+        return {**super().get_context_data(**kwargs), "assets": entry_assets()}
 
 
 def _shell(request, page: str, *, project: Project | None = None, role: Role | None = None, **extra):
@@ -73,6 +92,41 @@ def projects_page(request):
 def project_page(request, project_id: int, page: str = "dashboard"):
     project, role = _member_project(request, project_id)
     return _shell(request, page, project=project, role=role)
+
+
+@login_required(login_url=LOGIN_URL)
+@ensure_csrf_cookie
+def new_project_page(request):
+    if not request.user.is_staff:
+        raise PermissionDenied("Only platform staff create projects. Ask an administrator to create one and add you.")
+    return _shell(request, "new_project", catalog=catalog.as_dict())
+
+
+@login_required(login_url=LOGIN_URL)
+@ensure_csrf_cookie
+def settings_page(request, project_id: int):
+    project, role = _member_project(request, project_id)
+    if role != Role.ADMIN:
+        raise PermissionDenied(f"Only the project's admins change its settings and members; you are {role.label.lower()}.")
+    return _shell(request, "settings", project=project, role=role, catalog=catalog.as_dict())
+
+
+@login_required(login_url=LOGIN_URL)
+@ensure_csrf_cookie
+def upload_page(request, project_id: int):
+    project, role = _member_project(request, project_id)
+    if role != Role.ADMIN:
+        raise PermissionDenied(f"Only the project's admins upload slides; you are {role.label.lower()}.")
+    return _shell(request, "upload", project=project, role=role)
+
+
+@login_required(login_url=LOGIN_URL)
+@ensure_csrf_cookie
+def slide_page(request, project_id: int, image_id: int):
+    project, role = _member_project(request, project_id)
+    image = get_object_or_404(Image, pk=image_id, project=project)
+    # Tiles are sized at the project's working resolution; the viewer scales them to level 0.
+    return _shell(request, "slide", project=project, role=role, image_id=image.pk, working_mpp=project.working_mpp)
 
 
 @login_required(login_url=LOGIN_URL)

@@ -13,6 +13,11 @@ const PAGES = {
   training: () => import("./pages/training.js"),
   models: () => import("./pages/models.js"),
   exports: () => import("./pages/exports.js"),
+  new_project: () => import("./pages/new_project.js"),
+  settings: () => import("./pages/settings.js"),
+  images: () => import("./pages/images.js"),
+  upload: () => import("./pages/images.js"),
+  slide: () => import("./pages/slide.js"),
 };
 
 async function boot() {

@@ -27,7 +27,7 @@ function fakeServer({ chunkSize = 10, mode = "local", dropPut = () => false, ref
         let m;
         if (method === "POST" && (m = path.match(/^\/api\/projects\/(\d+)\/uploads\/$/))) {
           const id = `u${nextId++}`;
-          uploads.set(id, { id, filename: body.filename, size: body.size, chunks: new Map(), state: "uploading" });
+          uploads.set(id, { id, filename: body.filename, size: body.size, chunks: new Map(), state: "receiving" });
           return { id, chunk_size: chunkSize, mode, received: [] };
         }
         if (method === "GET" && (m = path.match(/^\/api\/uploads\/(\w+)\/$/))) {

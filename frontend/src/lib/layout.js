@@ -7,11 +7,13 @@ import { roleAtLeast } from "./format.js";
 
 const SECTIONS = [
   { page: "dashboard", label: "Dashboard", path: "" },
+  { page: "images", label: "Images", path: "images/", also: ["slide", "upload"] },
   { page: "queue", label: "Queue", path: "queue/" },
   { page: "review", label: "Review", path: "review/" },
   { page: "training", label: "Training", path: "training/" },
   { page: "models", label: "Models", path: "models/" },
   { page: "exports", label: "Exports", path: "exports/", minimum: "reviewer" },
+  { page: "settings", label: "Settings", path: "settings/", minimum: "admin" },
 ];
 
 export function projectUrl(project, path = "") {
@@ -23,7 +25,7 @@ export function frame(config) {
   const nav = project
     ? h("nav", { class: "sections", "aria-label": "Project sections" },
       SECTIONS.filter((s) => !s.minimum || roleAtLeast(project.my_role, s.minimum)).map((s) =>
-        h("a", { href: projectUrl(project, s.path), class: ["section", (page === s.page || (page === "workspace" && s.page === "queue")) && "active"] }, s.label)))
+        h("a", { href: projectUrl(project, s.path), class: ["section", (page === s.page || s.also?.includes(page) || (page === "workspace" && s.page === "queue")) && "active"] }, s.label)))
     : null;
   const status = h("div", { class: "status-pills" },
     h("span", { class: "pill pill-muted", id: "live-pill", title: "Live updates from the server", hidden: true }, "live"),

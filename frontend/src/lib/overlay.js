@@ -97,7 +97,12 @@ export function showOutlines(scale) {
 export class NucleusCache {
   constructor(tiles, { maxNuclei = MAX_CACHED_NUCLEI, cell = 512 } = {}) {
     this.tiles = new GridIndex(Math.max(cell, 256));
-    for (const t of tiles) this.tiles.insert({ ...t, box: { x: t.x, y: t.y, w: t.w, h: t.h } });
+    // The tile objects themselves are indexed (given a `box`), so a status the page updates in
+    // place is what the next frame draws.
+    for (const t of tiles) {
+      t.box = { x: t.x, y: t.y, w: t.w, h: t.h };
+      this.tiles.insert(t);
+    }
     this.loaded = new Map(); // tile id -> {nuclei, seen}
     this.maxNuclei = maxNuclei;
     this.cell = cell;

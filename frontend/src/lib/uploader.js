@@ -152,7 +152,7 @@ export class ChunkedUpload {
     try {
       info = JSON.parse(saved);
       const status = await this.transport.json("GET", `/api/uploads/${info.id}/`);
-      if (status.state && !["uploading", "open", "pending"].includes(status.state)) throw new Error(status.state);
+      if (status.state === "complete") throw new Error("already complete"); // a new upload; `complete` answers 409 if it is a duplicate
       return { ...status, mode: status.mode || info.mode, etags: { ...(info.etags || {}), ...etagsOf(status) } };
     } catch (error) {
       if (error instanceof ApiError && error.status === 0) throw error;
