@@ -1,0 +1,195 @@
+"""Whole-slide images in the browser (issue 11): a project admin uploads a generated SVS-like
+slide on the upload page (chunked upload, one chunk's connection dropped on the way), a real
+Celery worker ingests it while the page shows progress, the slide appears in the image list
+with its thumbnail, and the slide viewer shows it with the nuclei outlined over it; a click on
+a tile opens the correction workspace.
+
+The outlines are a prediction the test stores for every tile (dark blobs of the tile's own pixels,
+read through the same pyramid reader as everything else), as tests/browser/scenario.py does for
+the other pages: no model is trained here.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from backend.common.storage import StagedWrites, encode_png
+from backend.images.models import Image, ImageState, Tile
+from backend.ml.models import ModelStatus, ModelVersion, Prediction, QueueEntry
+from backend.projects.services import create_project
+from ml_worker.slides import write_pyramidal_tiff
+from tests.browser.conftest import record_timings
+from tests.browser.scenario import PASSWORD, make_users
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def slide_project(make_user):
+    staff = make_user("staff", is_staff=True, password=PASSWORD)
+    project = create_project(name="Slides (browser)", created_by=staff, tile_size=256)
+    users = make_users(make_user, project, roles=("admin", "annotator"))
+    return {"project": project, "users": users}
+
+
+def dark_blobs(rgb: np.ndarray) -> np.ndarray:
+    """Instance labels of the tile's dark (haematoxylin-stained) blobs."""
+    from skimage.filters import threshold_otsu
+
+    gray = rgb.astype(np.float32).mean(axis=2)
+    if gray.max() - gray.min() < 10:
+        return np.zeros(gray.shape, np.int32)
+    labels, _ = ndimage.label(ndimage.binary_opening(gray < threshold_otsu(gray) * 0.9, iterations=1))
+    sizes = np.bincount(labels.ravel())
+    keep = np.flatnonzero(sizes >= 20)
+    keep = keep[keep > 0]
+    lut = np.zeros(labels.max() + 1, np.int32)
+    lut[keep] = np.arange(1, len(keep) + 1)
+    return lut[labels]
+
+
+def predict_every_tile(project, image) -> ModelVersion:
+    from backend.images.pixels import read_tile_rgb
+
+    version = ModelVersion.objects.create(project=project, version=1, architecture="unet", weights="models/fake.pt",
+                                          status=ModelStatus.ACTIVE, metrics={"dice": 0.8}, status_reason="test model")
+    tiles = list(Tile.objects.filter(image=image).order_by("pk"))
+    scores = []
+    for tile in tiles:
+        labels = dark_blobs(read_tile_rgb(tile))
+        with StagedWrites() as staged:
+            name = staged.save(f"predictions/{version.pk}/{tile.pk}.png", encode_png(labels))
+        count = int(labels.max())
+        score = round(1.0 / (1 + count) + (tile.pk % 7) / 20, 4)  # varied, so the uncertainty colours differ
+        Prediction.objects.create(tile=tile, model_version=version, mask=name, nucleus_count=count,
+                                  uncertainty={"entropy": score})
+        scores.append((tile.pk, score))
+    scores.sort(key=lambda item: -item[1])
+    QueueEntry.objects.bulk_create([QueueEntry(project=project, tile_id=t, rank=i, score=s, strategy="entropy",
+                                               model_version=version) for i, (t, s) in enumerate(scores)])
+    return version
+
+
+def canvas_ink(page) -> int:
+    """Pixels of the overlay canvas that something was drawn on."""
+    return page.evaluate("""() => {
+        const c = document.querySelector('[data-testid=slide-overlay]');
+        const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 3; i < data.length; i += 4) if (data[i] > 0) n += 1;
+        return n;
+    }""")
+
+
+def test_an_admin_uploads_a_slide_watches_it_ingest_and_browses_it_with_nuclei(slide_project, open_session, start_worker,
+                                                                               tmp_path):
+    project = slide_project["project"]
+    path = tmp_path / "generated-slide.svs"
+    write_pyramidal_tiff(path, width=2400, height=1800, mpp=0.5, tile=256, seed=5, tissue_fraction=0.5)
+    worker = start_worker(queues="cpu")
+
+    s = open_session("admin", PASSWORD)
+    s.goto(f"/projects/{project.pk}/upload/")
+    s.page.wait_for_selector("[data-testid=drop-zone]")
+    # The first PUT of chunk 0 loses its connection; the uploader must retry it by itself.
+    puts = {"chunk0": 0}
+
+    def drop_first(route):
+        puts["chunk0"] += 1
+        if puts["chunk0"] == 1:
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    s.page.route("**/api/uploads/*/chunks/0/", drop_first)
+    started = time.perf_counter()
+    s.page.set_input_files("[data-testid=file-input]", str(path))
+    s.page.wait_for_selector("[data-testid=upload-row]")
+    s.page.wait_for_function(
+        "document.querySelector('[data-testid=upload-row] [role=progressbar]')?.getAttribute('aria-valuenow') === '100'",
+        timeout=60_000)
+    uploaded = time.perf_counter() - started
+    assert puts["chunk0"] >= 2, "the dropped chunk was not sent again"
+    detail = s.page.inner_text("[data-testid=upload-detail]")
+    size = f"{path.stat().st_size / 1e6:.2f} MB"  # as the page writes it (decimal units)
+    assert f"{size} of {size}" in detail, detail
+    try:
+        s.page.wait_for_selector("[data-testid=upload-row][data-state=ready]", timeout=180_000)
+    except Exception:
+        images = list(Image.objects.filter(project=project).values("id", "state", "state_reason", "ingest_progress"))
+        pytest.fail(f"ingest did not finish: {images}; row: {s.page.inner_text('[data-testid=upload-row]')}\n"
+                    f"worker:\n{worker.output()[-4000:]}")
+    ingested = time.perf_counter() - started
+    image = Image.objects.get(project=project)
+    assert image.state == ImageState.READY
+    assert 0 < image.tiles_kept < image.tiles_grid, (image.tiles_kept, image.tiles_grid)
+    row = s.page.inner_text("[data-testid=upload-row]")
+    assert f"{image.tiles_kept} of {image.tiles_grid} grid tiles kept" in row, row
+    # The slide is in the list below, with its thumbnail.
+    card = s.page.locator(f"[data-testid=image-card][data-image-id='{image.pk}'][data-state=ready]")
+    card.wait_for()
+    s.page.wait_for_function(
+        f"(() => {{ const i = document.querySelector(\"[data-image-id='{image.pk}'] img\"); return i && i.complete && i.naturalWidth > 0; }})()")
+    s.shot("16-upload")
+    record_timings("slide_upload", {"bytes": path.stat().st_size, "upload_s": round(uploaded, 2),
+                                    "upload_to_ingested_s": round(ingested, 2)})
+
+    predict_every_tile(project, image)
+    s.goto(f"/projects/{project.pk}/images/")
+    s.page.wait_for_selector(f"[data-testid=image-card][data-image-id='{image.pk}'] img")
+    s.shot("17-images")
+
+    with s.page.expect_navigation():
+        s.page.click(f"[data-testid=image-card][data-image-id='{image.pk}']")
+    s.page.wait_for_function("window.karyoViewer && window.karyoViewer.world.getItemCount() === 1"
+                             " && window.karyoViewer.world.getItemAt(0).getFullyLoaded()", timeout=60_000)
+    overlay = "[data-testid=slide-overlay]"
+    s.page.wait_for_function(f"Number(document.querySelector('{overlay}')?.dataset.nuclei || 0) > 0", timeout=30_000)
+    assert s.page.get_attribute(overlay, "data-mode") == "outlines"
+    assert int(s.page.get_attribute(overlay, "data-tiles")) == image.tiles_kept
+    assert canvas_ink(s.page) > 5000
+    assert "active model's prediction" in s.page.inner_text("[data-testid=overlay-status]")
+    s.shot("15-slide-viewer", full_page=False)
+
+    s.page.click("[data-testid=grid-uncertainty]")
+    s.page.wait_for_timeout(300)
+    s.shot("18-slide-viewer-uncertainty", full_page=False)
+
+    # Zoomed in on one tile: only the tiles in view are drawn.
+    tile = Tile.objects.filter(image=image, predictions__nucleus_count__gt=3).order_by("pk").first()
+    s.page.evaluate(f"""() => {{
+        const v = window.karyoViewer;
+        const r = v.viewport.imageToViewportRectangle({tile.x}, {tile.y}, {tile.w}, {tile.h});
+        v.viewport.fitBounds(r, true);
+    }}""")
+    s.page.wait_for_function(f"Number(document.querySelector('{overlay}').dataset.tiles) < {image.tiles_kept}")
+    s.page.wait_for_function("window.karyoViewer.world.getItemAt(0).getFullyLoaded()", timeout=30_000)
+    s.page.wait_for_timeout(400)
+    assert int(s.page.get_attribute(overlay, "data-nuclei")) > 0
+    s.shot("19-slide-viewer-zoomed", full_page=False)
+
+    # A click on the tile opens it in the correction workspace.
+    x, y = s.page.evaluate(f"""() => {{
+        const v = window.karyoViewer;
+        const p = v.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point({tile.x + tile.w / 2}, {tile.y + tile.h / 2}));
+        const box = v.element.getBoundingClientRect();
+        return [box.left + p.x, box.top + p.y];
+    }}""")
+    with s.page.expect_navigation():
+        s.page.mouse.click(x, y)
+    assert s.page.url.endswith(f"/projects/{project.pk}/tiles/{tile.pk}/"), s.page.url
+    s.page.wait_for_selector("[data-testid=tile-id]")
+    assert s.page.inner_text("[data-testid=tile-id]").strip() == str(tile.pk)
+
+
+def test_only_project_admins_see_the_upload_page(slide_project, open_session):
+    project = slide_project["project"]
+    s = open_session("annotator", PASSWORD)
+    s.goto(f"/projects/{project.pk}/images/")
+    s.page.wait_for_selector("[data-testid=empty-state]")
+    assert s.page.locator("[data-testid=upload-link]").count() == 0
+    response = s.page.goto(s.base + f"/projects/{project.pk}/upload/")
+    assert response.status == 403
