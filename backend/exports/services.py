@@ -27,13 +27,15 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from backend.common.errors import InvalidUpload, KaryoError
+from backend.common.jobs import enqueue_on_commit
 from backend.common.storage import read_bytes, read_label_map
-from backend.images.importing import ImportSummary, import_path
 from backend.images.models import AnnotationStatus, Image
+from backend.images.pixels import tile_png
 from backend.projects.models import Project
 
 from .archive import ZipSink, work_dir
 from .formats import FORMAT_NAMES, LOSSES, ClassDef, ExportSample, PlanItem, get_format, palette_color, safe_name
+from .importing import ImportSummary, import_path
 from .models import Export, ExportStatus
 from .provenance import dataset_card, lineage, prediction_changes
 from .selectors import STATUS_FILTERS, annotation_history, export_annotations, predictions_by_id
@@ -199,9 +201,7 @@ def create_export(*, project: Project, format: str, filters: dict | None, create
 def start_export(*, project: Project, format: str, filters: dict | None, created_by=None) -> Export:
     """Record an export and run it on the ``cpu`` queue once the row is committed."""
     export = create_export(project=project, format=format, filters=filters, created_by=created_by)
-    from .tasks import export_dataset
-
-    transaction.on_commit(lambda: export_dataset.delay(export.pk))
+    enqueue_on_commit("karyo.cpu.export_dataset", export.pk)  # exports.tasks.export_dataset
     return export
 
 
@@ -259,7 +259,7 @@ def _iso(value) -> str | None:
 def _sample(annotation, name: str, split: str | None, *, default_class: int, keep_classes: set[int]):
     """Read one tile and its annotation from storage -> (ExportSample, raw label map)."""
     tile = annotation.tile
-    png = read_bytes(tile.file.name)
+    png = tile_png(tile)
     raw = read_label_map(annotation.mask.name)
     listed = {int(k): int(v) for k, v in (annotation.classes or {}).items()}
     ids = np.unique(raw)

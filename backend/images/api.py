@@ -11,12 +11,13 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from backend.common.errors import InvalidUpload
-from backend.common.permissions import project_for, require_role
-from backend.common.storage import encode_png, read_label_map, read_rgb
+from backend.projects.permissions import project_for, require_role
+from backend.common.storage import encode_png, read_label_map
 from backend.projects.models import Role
 
 from . import services
 from .models import Annotation, AnnotationSource, Image, Tile
+from .pixels import read_tile_rgb, tile_png
 from .rendering import overlay
 from .selectors import latest_annotation, tiles_with_status
 from .serializers import (
@@ -56,7 +57,7 @@ class ImageListView(generics.ListAPIView):
         decoded = decode_upload(upload.name, upload.read())
         results = services.ingest_images(
             project=project, images=decoded, uploaded_by=request.user,
-            microns_per_pixel=serializer.validated_data.get("microns_per_pixel"),
+            microns_per_pixel=serializer.validated_data.get("microns_per_pixel"), background=True,
         )
         created = sum(r.created for r in results)
         body = {
@@ -102,8 +103,7 @@ class TileImageView(APIView):
     @extend_schema(responses={(200, "image/png"): OpenApiTypes.BINARY})
     def get(self, request, tile_id: int):
         tile = tile_for(request, tile_id)
-        with tile.file.open("rb") as fh:
-            return png_response(fh.read())
+        return png_response(tile_png(tile))
 
 
 class TileOverlayView(APIView):
@@ -121,7 +121,7 @@ class TileOverlayView(APIView):
             annotation = get_object_or_404(Annotation, pk=annotation_id, tile=tile)
         else:
             annotation = latest_annotation(tile=tile)
-        rgb = read_rgb(tile.file.name)
+        rgb = read_tile_rgb(tile)
         if annotation is None:
             instances, classes = np.zeros(rgb.shape[:2], np.int32), {}
         else:

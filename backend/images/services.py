@@ -11,9 +11,9 @@ from django.utils import timezone
 from backend.common.errors import Conflict, InvalidUpload
 from backend.common.storage import StagedWrites, encode_png
 from backend.projects.models import Project
-from ml_worker.data import tile_grid
 
-from .models import Annotation, AnnotationSource, AnnotationStatus, Image, Tile
+from .models import Annotation, AnnotationSource, AnnotationStatus, Image, ImageState, Tile
+from .signals import annotation_saved
 from .validation import DecodedImage
 
 
@@ -24,46 +24,43 @@ class IngestResult:
 
 
 def ingest_images(
-    *, project: Project, images: list[DecodedImage], uploaded_by, microns_per_pixel: float | None = None
+    *, project: Project, images: list[DecodedImage], uploaded_by, microns_per_pixel: float | None = None,
+    background: bool = False,
 ) -> list[IngestResult]:
-    """Store decoded images and cut them into tiles; all or nothing.
+    """Store images and register them; all or nothing.
 
-    The same bytes uploaded again to the project return the existing image (``created=False``).
+    ``background`` (uploads): answer at once with each image ``ingesting``; the cpu worker builds
+    thumbnail and tiles (``tasks.ingest_image``, enqueued on commit). Otherwise (dataset import)
+    the same ``ingest.build_image`` runs here, in this transaction. The same bytes uploaded again
+    to the project return the existing image (``created=False``) unless that one failed.
     """
+    from .ingest import IngestError, build_image, enqueue_ingest
+
     results: list[IngestResult] = []
     with StagedWrites() as staged, transaction.atomic():
         for decoded in images:
             existing = Image.objects.filter(project=project, sha256=decoded.sha256).first()
-            if existing is not None:
+            if existing is not None and existing.state != ImageState.FAILED:
                 results.append(IngestResult(existing, created=False))
                 continue
+            if existing is not None:
+                existing.delete()  # a failed attempt holds no tiles; the new upload replaces it
             ext = {"jpeg": "jpg", "tiff": "tif"}.get(decoded.format, decoded.format)
             name = staged.save(f"images/{decoded.sha256[:2]}/{decoded.sha256}.{ext}", decoded.data, reuse_existing=True)
             image = Image.objects.create(
-                project=project,
-                name=decoded.name,
-                file=name,
-                sha256=decoded.sha256,
-                format=decoded.format,
-                width=decoded.width,
-                height=decoded.height,
-                microns_per_pixel=microns_per_pixel,
-                uploaded_by=uploaded_by,
+                project=project, name=decoded.name, file=name, sha256=decoded.sha256, format=decoded.format,
+                width=decoded.width, height=decoded.height, microns_per_pixel=microns_per_pixel, uploaded_by=uploaded_by,
+                state=ImageState.INGESTING, ingest_progress=0.0,
             )
-            _cut_tiles(image=image, pixels=decoded.pixels, project=project, staged=staged)
+            if background:
+                enqueue_ingest(image)
+            else:
+                try:
+                    build_image(image=image)
+                except IngestError as exc:
+                    raise InvalidUpload(f"{decoded.name}: {exc}", code="corrupt_image") from None
             results.append(IngestResult(image, created=True))
     return results
-
-
-def _cut_tiles(*, image: Image, pixels: np.ndarray, project: Project, staged: StagedWrites) -> None:
-    tiles = []
-    # The same grid the engine uses for tiled inference: the last tile of a row or column is
-    # shifted back to end at the border, and a side shorter than a tile is one tile of that size.
-    h, w = min(project.tile_size, image.height), min(project.tile_size, image.width)
-    for y, x in tile_grid(image.height, image.width, project.tile_size, project.tile_overlap):
-        name = staged.save(f"tiles/{image.pk}/{x}_{y}_{w}x{h}.png", encode_png(pixels[y : y + h, x : x + w]))
-        tiles.append(Tile(image=image, project=project, x=x, y=y, w=w, h=h, file=name))
-    Tile.objects.bulk_create(tiles)
 
 
 def accepted_statuses(project: Project) -> tuple[str, ...]:
@@ -158,6 +155,5 @@ def review_annotation(*, annotation: Annotation, reviewer, accept: bool, comment
 
 
 def _annotation_hook(annotation: Annotation) -> None:
-    from backend.ml.services import on_annotation_saved
-
-    on_annotation_saved(annotation=annotation)
+    # Announced, not called: ml (a higher app) subscribes in its AppConfig.ready().
+    annotation_saved.send(sender=Annotation, annotation=annotation)

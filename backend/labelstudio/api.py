@@ -13,8 +13,9 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from backend.common.permissions import method_role, project_for
+from backend.projects.permissions import method_role, project_for
 from backend.images.models import Tile
+from backend.images.pixels import tile_png
 
 from . import selectors, services
 from . import signing as tile_signing
@@ -133,8 +134,7 @@ def signed_tile_image(request, token: str):
     except (signing.BadSignature, ValueError):
         return JsonResponse({"error": {"code": "not_found", "message": "no such image", "details": None}}, status=404)
     tile = get_object_or_404(Tile, pk=tile_id)
-    with tile.file.open("rb") as fh:
-        response = HttpResponse(fh.read(), content_type="image/png")
+    response = HttpResponse(tile_png(tile), content_type="image/png")
     # The token is the credential (no cookies), so any origin may read it: Label Studio's editor
     # loads it cross-origin.
     response["Access-Control-Allow-Origin"] = "*"

@@ -53,7 +53,8 @@ def _s3_public_url(name: str) -> str | None:
 
 
 def tile_image_url(tile: Tile) -> str:
-    presigned = _s3_public_url(tile.file.name)
+    # Legacy tiles kept a PNG in the bucket; others are rendered from their slide by Karyo.
+    presigned = _s3_public_url(tile.file.name) if tile.file else None
     if presigned:
         return presigned
     path = reverse("labelstudio-tile-image", kwargs={"token": tile_token(tile)})

@@ -1,7 +1,7 @@
 """Celery tasks: thin shims that take ids. The work lives in ``workflows``."""
 from __future__ import annotations
 
-from celery import shared_task
+from celery import chord, shared_task
 from celery.signals import worker_shutting_down
 
 from . import workflows
@@ -22,10 +22,33 @@ def train(self, run_id: int) -> str:
 
 @shared_task(name="karyo.gpu.predict", acks_late=True)
 def predict(project_id: int, model_version_id: int, tile_ids: list[int] | None = None, then_rank: bool = False) -> int:
-    done = workflows.run_prediction(project_id=project_id, model_version_id=model_version_id, tile_ids=tile_ids)
+    """Predict the tiles; more than one chunk of them (a slide) fans out as a chord of chunks
+    that any number of gpu workers take in parallel."""
+    chunks = workflows.prediction_chunks(project_id=project_id, model_version_id=model_version_id, tile_ids=tile_ids)
+    if len(chunks) > 1:
+        header = [predict_chunk.s(project_id, model_version_id, chunk) for chunk in chunks]
+        chord(header)(predict_done.s(project_id, then_rank))
+        return 0
+    done = workflows.run_prediction(project_id=project_id, model_version_id=model_version_id,
+                                    tile_ids=chunks[0] if chunks else [])
     if then_rank:
         rank.delay(project_id)
     return done
+
+
+# acks_late + the global reject-on-worker-lost: a worker that dies mid-chunk loses only that
+# chunk, which the broker hands to another worker; run_prediction skips tiles already predicted.
+@shared_task(name="karyo.gpu.predict_chunk", acks_late=True, autoretry_for=(OSError,), max_retries=3,
+             retry_backoff=True)
+def predict_chunk(project_id: int, model_version_id: int, tile_ids: list[int]) -> int:
+    return workflows.run_prediction(project_id=project_id, model_version_id=model_version_id, tile_ids=tile_ids)
+
+
+@shared_task(name="karyo.gpu.predict_done", acks_late=True)
+def predict_done(results: list[int], project_id: int, then_rank: bool = False) -> int:
+    if then_rank:
+        rank.delay(project_id)
+    return sum(results)
 
 
 @shared_task(name="karyo.gpu.rank", acks_late=True)

@@ -15,7 +15,7 @@ from typing import Any, Self
 import numpy as np
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Max
+from django.db.models import Count, Max
 from django.utils import timezone
 
 from backend.common.storage import StagedWrites, encode_png, read_bytes, read_label_map
@@ -23,6 +23,7 @@ from backend.images.models import Split, Tile
 from backend.images.pixels import read_tile_rgb
 from backend.images.selectors import training_annotations
 from backend.projects.models import Project
+from ml_worker import catalog
 
 from . import events
 from .models import ModelStatus, ModelVersion, Prediction, QueueEntry, RunStatus, TrainingRun
@@ -216,7 +217,7 @@ def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progre
     width = options.pop("width", None)
     config = TrainConfig(
         arch=run.architecture,
-        model_kwargs={"width": width} if width else {},
+        model_kwargs=catalog.model_kwargs_for(run.architecture, width),  # e.g. HSP-Net's width is base_channels
         out_dir=str(out_dir),
         resume=str(out_dir / "last.pt") if (out_dir / "last.pt").exists() else None,
         **options,
@@ -303,14 +304,15 @@ def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int
     tiles = Tile.objects.filter(project_id=project_id).exclude(predictions__model_version=model_version).order_by("id")
     if tile_ids is not None:
         tiles = tiles.filter(pk__in=tile_ids)
-    tiles = list(tiles)
-    expensive = project.al_strategy in ("mc_dropout", "tta")
+    tiles = list(tiles.select_related("image", "project"))
+    # The extra passes (MC dropout, TTA) only when the project's strategy ranks by their scores.
+    extra = catalog.analysis_kwargs(project.al_strategy) if project.al_strategy in catalog.strategy_names() else {}
     tile_size = int(meta.get("config", {}).get("tile_size", 256))
     done = 0
-    for i, tile in enumerate(tiles):
+    slide_totals = _slide_totals(tiles)
+    for i, (tile, rgb) in enumerate(prefetched_pixels(tiles)):
         analysis = analyze_tile(
-            model, read_tile_rgb(tile), normalizer=normalizer, tile_size=tile_size,
-            mc_samples=8 if project.al_strategy == "mc_dropout" else 0, tta=expensive and project.al_strategy == "tta",
+            model, rgb, normalizer=normalizer, tile_size=tile_size, **extra,
         )
         png = encode_png(analysis.instances)
         heat = uncertainty_png(analysis)
@@ -330,7 +332,49 @@ def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int
             pass  # a retried task already stored this tile's prediction: nothing to duplicate
         if (i + 1) % 4 == 0 or i + 1 == len(tiles):
             events.publish(project_id, "predict.progress", model_version=model_version.pk, done=i + 1, total=len(tiles))
+            _publish_slide_progress(project_id, model_version, slide_totals, tiles[: i + 1])
     return done
+
+
+def prediction_chunks(*, project_id: int, model_version_id: int, tile_ids: list[int] | None = None,
+                      chunk_size: int | None = None) -> list[list[int]]:
+    """The tiles still to predict, in chunks that workers take in parallel (one slide region per
+    chunk: ordered by image and position, so a chunk reads neighbouring tiles of one pyramid)."""
+    size = chunk_size or int(getattr(settings, "KARYO_PREDICT_CHUNK_TILES", 256))
+    tiles = Tile.objects.filter(project_id=project_id).exclude(predictions__model_version_id=model_version_id)
+    if tile_ids is not None:
+        tiles = tiles.filter(pk__in=tile_ids)
+    ids = list(tiles.order_by("image_id", "y", "x").values_list("pk", flat=True))
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def prefetched_pixels(tiles: list[Tile], *, ahead: int = 4):
+    """(tile, pixels) in order, the next ``ahead`` tiles read by a thread while the model runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    # The thread makes no queries: ``tiles`` come with their image and project loaded.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-prefetch") as pool:
+        pending = [pool.submit(read_tile_rgb, t) for t in tiles[:ahead]]
+        for i, tile in enumerate(tiles):
+            if i + ahead < len(tiles):
+                pending.append(pool.submit(read_tile_rgb, tiles[i + ahead]))
+            yield tile, pending[i].result()
+            pending[i] = None  # let the pixels go
+
+
+def _slide_totals(tiles: list[Tile]) -> dict[int, int]:
+    image_ids = {t.image_id for t in tiles}
+    return dict(Tile.objects.filter(image_id__in=image_ids).values_list("image_id").annotate(n=Count("id")))
+
+
+def _publish_slide_progress(project_id: int, model_version: ModelVersion, totals: dict[int, int], seen: list[Tile]) -> None:
+    """Per image: how many of its tiles have this model's prediction (all workers together)."""
+    image_ids = {t.image_id for t in seen[-4:]}
+    done = dict(Prediction.objects.filter(model_version=model_version, tile__image_id__in=image_ids)
+                .values_list("tile__image_id").annotate(n=Count("id")))
+    for image_id in sorted(image_ids):
+        events.publish(project_id, "slide.predict", image_id=image_id, model_version=model_version.pk,
+                       done=done.get(image_id, 0), total=totals.get(image_id, 0))
 
 
 def run_ranking(*, project_id: int, strategy: str | None = None, batch_size: int = 8, seed: int = 0) -> int:
@@ -358,7 +402,7 @@ def run_ranking(*, project_id: int, strategy: str | None = None, batch_size: int
     labelled_embeddings = np.array(list(labelled), dtype=np.float32) if labelled else None
     order = rank(strategy, scores, embeddings=embeddings, costs=costs, k=min(batch_size, len(ranked_ids)) or None,
                  seed=seed, labelled_embeddings=labelled_embeddings) if ranked_ids else []
-    key = {"hybrid": "entropy", "random": "entropy"}.get(strategy, strategy)
+    key = catalog.score_key(strategy)  # the score the strategy ranked by is the one the queue shows
     ordered = [(ranked_ids[i], float(scores[i].get(key, 0.0))) for i in order] + [(t, 0.0) for t in missing]
     with transaction.atomic():
         count = replace_queue(project=project, ordered=ordered, strategy=strategy, model_version=active)

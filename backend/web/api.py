@@ -19,8 +19,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from backend.common.errors import KaryoError
-from backend.common.permissions import project_for, require_role
-from backend.common.storage import read_label_map, read_rgb
+from backend.projects.permissions import project_for, require_role
+from backend.common.storage import read_label_map
+from backend.images.pixels import read_tile_rgb
 from backend.images.api import png_response, tile_for
 from backend.images.models import Annotation, AnnotationStatus
 from backend.images.rendering import overlay
@@ -53,6 +54,8 @@ class EditSerializer(serializers.Serializer):
                                    help_text="groups of region ids that become one nucleus")
     # A plain string (checked below): an enum here would collide with AnnotationCreate's in the schema.
     status = serializers.CharField(default=AnnotationStatus.SUBMITTED, help_text="submitted (default) or draft")
+    seconds_spent = serializers.IntegerField(required=False, min_value=0, max_value=86400,
+                                             help_text="time the page had this tile open before this save (member activity)")
 
     def validate_status(self, value: str) -> str:
         if value not in (AnnotationStatus.SUBMITTED, AnnotationStatus.DRAFT):
@@ -98,7 +101,7 @@ class TilePredictionOverlayView(APIView):
         tile = tile_for(request, tile_id)
         size = _size(request)
         prediction = services.active_prediction(tile)
-        rgb = read_rgb(tile.file.name)
+        rgb = read_tile_rgb(tile)
         if prediction is not None:
             color = tile.project.nucleus_classes[0]["color"]
             rgb = overlay(rgb, read_label_map(prediction.mask.name), default_color=color, alpha=0.3)
@@ -157,7 +160,7 @@ class AnnotationDiffImageView(APIView):
         reference = services.diff_reference(annotation)
         mask = read_label_map(annotation.mask.name)
         ref = reference[2] if reference else np.zeros_like(mask)
-        image = editing.diff_image(read_rgb(annotation.tile.file.name), mask, ref)
+        image = editing.diff_image(read_tile_rgb(annotation.tile), mask, ref)
         return png_response(services.png_of(image, size=_size(request)))
 
 

@@ -39,3 +39,17 @@ def zip_of(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def finish_ingest() -> list[str]:
+    """Run the ingest a cpu worker would run, in this process, for every image still ingesting.
+
+    API uploads answer at once with the image ``ingesting`` and enqueue ``karyo.cpu.ingest_image``
+    on commit; tests without a worker call the task's own code here (``run_ingest``, idempotent:
+    a worker that later receives the message finds the image ready and does nothing).
+    """
+    from backend.images.ingest import run_ingest
+    from backend.images.models import Image, ImageState
+
+    ids = list(Image.objects.filter(state=ImageState.INGESTING).order_by("pk").values_list("pk", flat=True))
+    return [run_ingest(image_id=pk) for pk in ids]

@@ -23,7 +23,7 @@ from backend.projects.models import Membership, Role
 from backend.projects.services import create_project
 from ml_worker import synth
 from tests.backend.conftest import _free_port, client_for, subprocess_env
-from tests.backend.factories import encode, label_png
+from tests.backend.factories import encode, finish_ingest, label_png
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +59,7 @@ def loop_project(make_user):
         )
         assert response.status_code == 201, response.content
         images.append(response.json()["images"][0]["id"])
+        finish_ingest()
         for tile in Tile.objects.filter(image_id=images[-1]):
             truths[tile.pk] = instances[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w]
     return {"project": project, "admin": admin, "annotators": annotators, "truths": truths}
@@ -269,6 +270,7 @@ def test_a_submitted_tile_is_not_served_again_even_before_review(make_user):
     image, instances = synth.generate("he", size=(64, 128), seed=3)
     client_for(owner).post(f"/api/projects/{project.pk}/images/",
                            {"file": SimpleUploadedFile("i.png", encode(image, "PNG"))}, format="multipart")
+    finish_ingest()
     first, second = Tile.objects.filter(project=project).order_by("x")
     replace_queue(project=project, ordered=[(first.pk, 0.9), (second.pk, 0.1)], strategy="entropy", model_version=None)
     assert next_tile(project=project, user=annotator).tile_id == first.pk

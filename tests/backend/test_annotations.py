@@ -7,7 +7,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from backend.common.storage import read_label_map
 from backend.images.models import Annotation, AnnotationStatus, AppendOnlyViolation, Tile
 from backend.images.selectors import training_annotations
-from tests.backend.factories import disc_labels, encode, label_png, rgb_png
+from tests.backend.factories import disc_labels, encode, finish_ingest, label_png, rgb_png
 
 pytestmark = pytest.mark.django_db
 
@@ -18,6 +18,7 @@ def tile(team, api):
         f"/api/projects/{team['project'].pk}/images/", {"file": SimpleUploadedFile("t.png", rgb_png(64, 64))}, format="multipart"
     )
     assert response.status_code == 201
+    finish_ingest()
     return Tile.objects.get()
 
 

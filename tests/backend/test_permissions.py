@@ -19,7 +19,7 @@ from backend.images.models import Tile
 from backend.images.services import create_annotation
 from backend.projects.models import Membership, Role
 from tests.backend.conftest import client_for
-from tests.backend.factories import disc_labels, label_png, rgb_png
+from tests.backend.factories import disc_labels, finish_ingest, label_png, rgb_png
 
 pytestmark = pytest.mark.django_db
 
@@ -121,6 +121,11 @@ MATRIX: dict[str, dict[str, Rule]] = {
         "get": Rule("viewer", 200, project_kwargs),
         "patch": Rule("admin", 200, lambda ctx: ({"project_id": ctx["project"].pk}, {"description": "updated"})),
     },
+    "project-archive": {
+        # Archiving is idempotent and restoring too: every admin call of the matrix succeeds.
+        "post": Rule("admin", 200, project_kwargs),
+        "delete": Rule("admin", 200, project_kwargs),
+    },
     "membership-list": {"get": Rule("viewer", 200, project_kwargs), "post": Rule("admin", 201, new_member)},
     "membership-detail": {
         "patch": Rule("admin", 200, fresh_membership({"role": "annotator"})),
@@ -150,6 +155,7 @@ MATRIX: dict[str, dict[str, Rule]] = {
     "queue-release": {"post": Rule("annotator", 204, project_kwargs)},
     "queue-rank": {"post": Rule("admin", 202, lambda ctx: ({"project_id": ctx["project"].pk}, {"strategy": "entropy"}))},
     "event-list": {"get": Rule("viewer", 200, project_kwargs)},
+    "catalog": {"get": Rule(None, 200, no_kwargs, scoped=False)},  # the engine's vocabulary: any signed-in user
 }
 
 
@@ -293,6 +299,7 @@ def ctx(team, api, settings):
         f"/api/projects/{team['project'].pk}/images/", {"file": SimpleUploadedFile("t.png", rgb_png(64, 64))}, format="multipart"
     )
     assert response.status_code == 201
+    finish_ingest()
     tile = Tile.objects.get()
     annotation, _ = create_annotation(tile=tile, instances=disc_labels().astype(np.int32), author=team["users"]["annotator"])
     return {"project": team["project"], "tile": tile, "annotation": annotation, "users": team["users"]}

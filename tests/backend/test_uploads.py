@@ -6,15 +6,17 @@ from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from backend.images.models import Image, Tile
-from tests.backend.factories import encode, rgb_png, zip_of
+from tests.backend.factories import encode, finish_ingest, rgb_png, zip_of
 
 pytestmark = pytest.mark.django_db
 
 
 def upload(client, project, name: str, data: bytes, **extra):
-    return client.post(
+    response = client.post(
         f"/api/projects/{project.pk}/images/", {"file": SimpleUploadedFile(name, data), **extra}, format="multipart"
     )
+    finish_ingest()  # what the cpu worker does after the upload answered
+    return response
 
 
 def stored_files() -> list[str]:
@@ -39,18 +41,27 @@ def assert_nothing_stored(project) -> None:
     assert stored_files() == []
 
 
-def test_it_stores_a_png_and_cuts_it_into_tiles(team, api):
-    project = team["project"]  # tile size 64
-    response = upload(api("admin"), project, "slide.png", rgb_png(150, 100), microns_per_pixel=0.25)
+def test_it_answers_at_once_with_the_image_ingesting_and_the_worker_cuts_it_into_tiles(team, api):
+    project = team["project"]  # tile size 64, working resolution 0.5 um/px
+    project.working_mpp = 0.25
+    project.save()
+    response = api("admin").post(f"/api/projects/{project.pk}/images/",
+                                 {"file": SimpleUploadedFile("slide.png", rgb_png(150, 100)), "microns_per_pixel": 0.25},
+                                 format="multipart")
     assert response.status_code == 201, response.content
     body = response.json()
     assert body["created"] == 1 and body["duplicates"] == 0
+    assert body["images"][0]["state"] == "ingesting" and body["images"][0]["tile_count"] == 0
+    assert finish_ingest() == ["ready"]
     image = Image.objects.get(project=project)
     assert (image.width, image.height, image.format, image.microns_per_pixel) == (150, 100, "png", 0.25)
+    assert (image.state, image.kind, image.levels, image.tiles_grid, image.tiles_kept) == ("ready", "image", 1, 6, 6)
+    assert image.thumbnail.name and default_storage.exists(image.thumbnail.name)
     tiles = list(Tile.objects.filter(image=image).values_list("x", "y", "w", "h"))
     # 150 wide -> x at 0, 64, and 86 (shifted back to end at the border); 100 high -> y at 0, 36.
     assert sorted(tiles) == sorted((x, y, 64, 64) for x in (0, 64, 86) for y in (0, 36))
-    assert body["images"][0]["tile_count"] == 6
+    assert not any(Tile.objects.filter(image=image).values_list("file", flat=True))  # no PNG per tile
+    assert api("viewer").get(f"/api/images/{image.pk}/").json()["tile_count"] == 6
 
 
 def test_a_small_image_becomes_one_tile_of_its_own_size(team, api):
@@ -166,19 +177,21 @@ def test_an_upload_without_a_file_field_is_a_clear_400(team, api):
     assert response.json()["error"]["code"] == "missing_file"
 
 
-def test_a_storage_failure_midway_leaves_no_rows_or_files(team, api, monkeypatch):
-    from backend.images import services
+def test_a_storage_failure_during_ingest_leaves_the_image_failed_without_tiles_or_files(team, api, monkeypatch):
+    from backend.images import ingest
 
-    calls = {"n": 0}
-    original = services.encode_png
+    def full_disk(rgb, quality=85):
+        raise OSError("disk full")
 
-    def failing_encode(array):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError("disk full")
-        return original(array)
-
-    monkeypatch.setattr(services, "encode_png", failing_encode)
-    with pytest.raises(OSError):
-        upload(api("admin"), team["project"], "slide.png", rgb_png(200, 64))
-    assert_nothing_stored(team["project"])
+    monkeypatch.setattr(ingest, "_jpeg", full_disk)
+    response = upload(api("admin"), team["project"], "slide.png", rgb_png(200, 64))
+    assert response.status_code == 201
+    image = Image.objects.get(project=team["project"])
+    assert image.state == "failed" and "disk full" in image.state_reason
+    assert Tile.objects.filter(project=team["project"]).count() == 0
+    assert stored_files() == []
+    # The same file uploaded again (disk freed) replaces the failed attempt.
+    monkeypatch.undo()
+    assert upload(api("admin"), team["project"], "slide.png", rgb_png(200, 64)).status_code == 201
+    image = Image.objects.get(project=team["project"])
+    assert image.state == "ready" and image.tiles_kept == Tile.objects.filter(image=image).count() == 4

@@ -8,10 +8,10 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from backend.images.models import Annotation, AnnotationSource, Tile
 from backend.images.services import create_annotation
-from backend.labelstudio import geometry
+from backend.common import geometry
 from backend.web import editing
 from tests.backend.conftest import client_for
-from tests.backend.factories import disc_labels, rgb_png
+from tests.backend.factories import disc_labels, finish_ingest, rgb_png
 
 CLASSES = [{"id": 1, "name": "nucleus", "color": "#e6194b"}, {"id": 2, "name": "lymphocyte", "color": "#3cb44b"}]
 
@@ -32,13 +32,14 @@ def test_editor_regions_are_one_simplified_polygon_per_nucleus_part_with_stable_
     labels[5:8, 55:58] = 2  # a detached fragment of nucleus 2
     result = editing.editor_regions(labels, classes={"2": 2}, nucleus_classes=CLASSES)
     ids = [r["id"] for r in result]
-    assert sorted(ids) == ["n1", "n2", "n2p1"]
+    assert sorted(ids) == ["k1p1", "k2p1", "k2p2"]
     by_id = {r["id"]: r for r in result}
-    assert by_id["n2"]["value"]["polygonlabels"] == ["lymphocyte"] and by_id["n1"]["value"]["polygonlabels"] == ["nucleus"]
-    exact = {r.label: len(r.points) for r in geometry.mask_to_regions(labels) if r.part == 0}
-    assert len(by_id["n1"]["value"]["points"]) <= exact[1]
+    assert by_id["k2p1"]["value"]["polygonlabels"] == ["lymphocyte"] and by_id["k1p1"]["value"]["polygonlabels"] == ["nucleus"]
+    assert (by_id["k2p1"]["value"]["points"] != by_id["k2p2"]["value"]["points"])
+    exact = {r.label: len(r.points) for r in geometry.mask_to_regions(labels) if r.piece == 1}
+    assert len(by_id["k1p1"]["value"]["points"]) <= exact[1]
     # The simplified outline still covers the nucleus: IoU with the true disc.
-    drawn = geometry.rasterize_polygon(geometry.from_percent(by_id["n1"]["value"]["points"], 64, 64), 64, 64)
+    drawn = geometry.rasterize_polygon(geometry.from_percent(by_id["k1p1"]["value"]["points"], 64, 64), 64, 64)
     truth = labels == 1
     assert (drawn & truth).sum() / (drawn | truth).sum() > 0.85
 
@@ -131,6 +132,7 @@ def tile_with_prediction(team, api):
     response = api("admin").post(f"/api/projects/{project.pk}/images/", {"file": SimpleUploadedFile("t.png", rgb_png(64, 64))},
                                  format="multipart")
     assert response.status_code == 201
+    finish_ingest()
     tile = Tile.objects.get(project=project)
     version = ModelVersion.objects.create(project=project, version=1, architecture="unet", weights="models/x.pt", status="active")
     labels = disc_labels(centres=((16, 16), (16, 46), (46, 30)), radius=7).astype(np.int32)
@@ -145,9 +147,9 @@ def test_the_editor_opens_the_prediction_and_a_submission_becomes_a_corrected_ve
     tile, prediction, labels = (tile_with_prediction[k] for k in ("tile", "prediction", "labels"))
     opened = api("annotator").get(f"/api/tiles/{tile.pk}/regions/").json()
     assert opened["source"] == "prediction" and opened["prediction"]["id"] == prediction.pk and opened["nuclei"] == 3
-    assert {r["id"] for r in opened["result"]} == {"n1", "n2", "n3"} and "<PolygonLabels" in opened["config"]
+    assert {r["id"] for r in opened["result"]} == {"k1p1", "k2p1", "k3p1"} and "<PolygonLabels" in opened["config"]
 
-    body = {"base": {"kind": "prediction", "id": prediction.pk}, "regions": [polygon("n3", box(22, 38, 40, 54))], "deleted": [2]}
+    body = {"base": {"kind": "prediction", "id": prediction.pk}, "regions": [polygon("k3p1", box(22, 38, 40, 54))], "deleted": [2]}
     response = api("annotator").post(f"/api/tiles/{tile.pk}/regions/", body, format="json")
     assert response.status_code == 201, response.content
     saved = response.json()
@@ -163,7 +165,7 @@ def test_the_editor_opens_the_prediction_and_a_submission_becomes_a_corrected_ve
     again = api("annotator").get(f"/api/tiles/{tile.pk}/regions/").json()
     assert again["source"] == "annotation" and again["annotation"]["version"] == 1
     second = api("annotator").post(f"/api/tiles/{tile.pk}/regions/",
-                                   {"base": {"kind": "annotation", "id": annotation.pk}, "merges": [["n1", "n3"]]}, format="json")
+                                   {"base": {"kind": "annotation", "id": annotation.pk}, "merges": [["k1p1", "k3p1"]]}, format="json")
     assert second.status_code == 201 and second.json()["parent"] == annotation.pk and second.json()["nucleus_count"] == 1
     assert second.json()["prediction"] == prediction.pk
 
@@ -209,23 +211,6 @@ def test_the_summary_counts_tiles_by_status(tile_with_prediction, api, team):
     assert images[0]["tiles"][0]["status"] == "submitted"
 
 
-def test_the_training_form_matches_ml_worker():
-    """The web server does not import torch; its copies of the defaults must not drift."""
-    import dataclasses
-
-    from ml_worker.losses import LOSSES
-    from ml_worker.training import TrainConfig
-
-    from backend.web.services import TRAIN_DEFAULTS
-    from backend.web.services import LOSSES as UI_LOSSES
-
-    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for key, value in TRAIN_DEFAULTS.items():
-        if key in fields and value not in (None, ""):
-            assert fields[key] == value, key
-    assert set(UI_LOSSES) == set(LOSSES)
-
-
 def test_the_worker_uncertainty_map_is_the_pixel_entropy():
     from types import SimpleNamespace
 
@@ -269,6 +254,7 @@ def test_a_tile_page_belongs_to_its_project(team, client, make_user):
     other = create_project(name="Other", created_by=team["users"]["staff"], tile_size=64)
     client_for(team["users"]["staff"]).post(f"/api/projects/{other.pk}/images/",
                                            {"file": SimpleUploadedFile("o.png", rgb_png(64, 64, seed=5))}, format="multipart")
+    finish_ingest()
     tile = Tile.objects.get(project=other)
     client.force_login(team["users"]["admin"])
     assert client.get(f"/projects/{team['project'].pk}/tiles/{tile.pk}/").status_code == 404

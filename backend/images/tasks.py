@@ -1,0 +1,11 @@
+"""Celery tasks of the images app: thin shims that take ids; the work is in ``ingest``."""
+from __future__ import annotations
+
+from celery import shared_task
+
+from . import ingest
+
+
+@shared_task(name="karyo.cpu.ingest_image", acks_late=True)
+def ingest_image(image_id: int) -> str:
+    return ingest.run_ingest(image_id=image_id)
