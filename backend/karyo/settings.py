@@ -59,6 +59,8 @@ INSTALLED_APPS = [
     "backend.ml",
     "backend.exports",
     "backend.labelstudio",
+    # The project package on top of the apps (docs/architecture.md): commands that wire several apps.
+    "backend.karyo",
 ]
 
 MIDDLEWARE = [
@@ -264,6 +266,19 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 LOGIN_URL = "/admin/login/"
+
+# Invitations (backend/projects/invitations.py) send the set-password link by e-mail when an SMTP
+# server is configured; without one (the embedded default) the link is logged and shown to the
+# inviting admin instead.
+EMAIL_HOST = env_str("KARYO_EMAIL_HOST", "") or ""
+EMAIL_PORT = env_int("KARYO_EMAIL_PORT", 587, minimum=1)
+EMAIL_HOST_USER = env_str("KARYO_EMAIL_USER", "") or ""
+EMAIL_HOST_PASSWORD = env_str("KARYO_EMAIL_PASSWORD", "") or ""
+EMAIL_USE_TLS = env_bool("KARYO_EMAIL_USE_TLS", True)
+DEFAULT_FROM_EMAIL = env_str("KARYO_EMAIL_FROM", "karyo@localhost")
+EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "django.core.mail.backends.dummy.EmailBackend"
+KARYO_EMAIL_CONFIGURED = bool(EMAIL_HOST)
+PASSWORD_RESET_TIMEOUT = env_int("KARYO_INVITATION_SECONDS", 7 * 24 * 3600, minimum=60)
 
 LOGGING = {
     "version": 1,

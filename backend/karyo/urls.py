@@ -18,3 +18,4 @@ urlpatterns = [
 ]
 
 handler404 = "backend.karyo.views.not_found"
+handler403 = "backend.karyo.views.forbidden"

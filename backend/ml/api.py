@@ -7,8 +7,10 @@ from rest_framework import generics, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from backend.common.permissions import project_for, require_role
+from backend.projects.permissions import project_for, require_role
 from backend.projects.models import Role
+from backend.projects.services import ensure_not_archived
+from ml_worker import catalog
 
 from . import services, tasks
 from .models import ModelVersion, ProjectEvent, QueueEntry, TrainingRun
@@ -43,10 +45,22 @@ class TrainingRunSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+def catalog_checked(check, value):
+    """``check(value)`` from ml_worker.catalog, its error as a 400 that names the valid values."""
+    try:
+        return check(value)
+    except catalog.CatalogError as exc:
+        raise serializers.ValidationError(str(exc)) from None
+
+
 class TrainingRunCreateSerializer(serializers.Serializer):
-    architecture = serializers.ChoiceField(choices=services.ARCHITECTURES, required=False)
+    architecture = serializers.CharField(required=False,
+                                         help_text=f"one of: {', '.join(catalog.architecture_names())}")
     config = serializers.DictField(required=False, default=dict,
-                                   help_text=f"options: {', '.join(sorted(services.RUN_CONFIG_KEYS))}")
+                                   help_text=f"options: {', '.join(catalog.run_option_names())} (GET /api/catalog/)")
+
+    def validate_architecture(self, value):
+        return catalog_checked(catalog.validate_architecture, value)
 
 
 class QueueEntrySerializer(serializers.ModelSerializer):
@@ -60,7 +74,10 @@ class QueueEntrySerializer(serializers.ModelSerializer):
 
 
 class RankSerializer(serializers.Serializer):
-    strategy = serializers.CharField(required=False)
+    strategy = serializers.CharField(required=False, help_text=f"one of: {', '.join(catalog.strategy_names())}")
+
+    def validate_strategy(self, value):
+        return catalog_checked(catalog.validate_strategy, value)
 
 
 class EventSerializer(serializers.ModelSerializer):
@@ -162,6 +179,7 @@ class QueueNextView(APIView):
     @extend_schema(request=None, responses={200: QueueEntrySerializer, 204: None})
     def post(self, request, project_id: int):
         project = project_for(user=request.user, project_id=project_id, minimum=Role.ANNOTATOR)
+        ensure_not_archived(project=project)
         entry = services.next_tile(project=project, user=request.user)
         if entry is None:
             return Response({"detail": "the queue is empty: every ranked tile is annotated or held by someone"},
@@ -180,16 +198,22 @@ class QueueReleaseView(APIView):
 class RankView(APIView):
     @extend_schema(request=RankSerializer, responses={202: None})
     def post(self, request, project_id: int):
-        from ml_worker.active_learning import STRATEGIES
-
         project = project_for(user=request.user, project_id=project_id, minimum=Role.ADMIN)
         serializer = RankSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         strategy = serializer.validated_data.get("strategy") or project.al_strategy
-        if strategy not in STRATEGIES:
-            raise serializers.ValidationError({"strategy": f"unknown strategy; choose one of {', '.join(sorted(STRATEGIES))}"})
+        catalog_checked(catalog.validate_strategy, strategy)  # a project saved before the catalog checked it
         transaction.on_commit(lambda: tasks.rank.delay(project.pk, strategy))
         return Response({"queued": True, "strategy": strategy}, status=status.HTTP_202_ACCEPTED)
+
+
+class CatalogView(APIView):
+    """The engine's vocabulary (ml_worker.catalog): architectures, losses, training options with
+    their bounds, strategies... each with a one-line explanation. Any signed-in user may read it."""
+
+    @extend_schema(responses={200: dict})
+    def get(self, request):
+        return Response(catalog.as_dict())
 
 
 class EventListView(generics.ListAPIView):

@@ -11,9 +11,12 @@ from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from backend.common.errors import Conflict, KaryoError
+from backend.common.jobs import enqueue_on_commit
 from backend.images.models import Annotation, Image, Split, Tile
 from backend.images.services import accepted_statuses
 from backend.projects.models import Project
+from backend.projects.services import ensure_not_archived
+from ml_worker import catalog
 
 from . import events
 from .models import (
@@ -27,33 +30,24 @@ from .models import (
     TrainingRun,
 )
 
-ARCHITECTURES = ("unet", "pgunet_plus", "unet_sharp", "dssnet", "hspnet", "multihead_unet")
 VAL_FRACTION = 0.2
 
-# What a run's config may set (everything else comes from ml_worker's TrainConfig defaults).
-RUN_CONFIG_KEYS = {
-    "epochs": int, "batch_size": int, "lr": float, "tile_size": int, "steps_per_epoch": int, "width": int,
-    "stain_norm": str, "loss": str, "optimizer": str, "augment": str, "early_stopping_patience": int, "seed": int,
-}
+
+def validate_run_config(*, config: dict[str, Any] | None, architecture: str | None = None,
+                        source: str = "config") -> dict[str, Any]:
+    """A training run's options checked against the engine catalog (names, types, bounds and,
+    given the architecture, what depends on it); a 400 naming the option and its valid values."""
+    try:
+        return catalog.validate_training_options(config or {}, architecture=architecture)
+    except catalog.CatalogError as exc:
+        raise KaryoError(f"{source}: {exc}", code="invalid_config", details=exc.details()) from None
 
 
-def _validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    clean: dict[str, Any] = {}
-    for key, value in (config or {}).items():
-        if key not in RUN_CONFIG_KEYS:
-            raise KaryoError(f"unknown training option {key!r}; known: {', '.join(sorted(RUN_CONFIG_KEYS))}", code="invalid_config")
-        try:
-            clean[key] = RUN_CONFIG_KEYS[key](value)
-        except (TypeError, ValueError):
-            raise KaryoError(f"training option {key!r} must be {RUN_CONFIG_KEYS[key].__name__}", code="invalid_config") from None
-    for key in ("epochs", "batch_size", "tile_size", "steps_per_epoch", "width"):
-        if key in clean and clean[key] < 1:
-            raise KaryoError(f"training option {key!r} must be positive", code="invalid_config")
-    if "lr" in clean and not 0 < clean["lr"] < 1:
-        raise KaryoError("learning rate must lie between 0 and 1", code="invalid_config")
-    if clean.get("stain_norm", "none") not in ("none", "macenko", "reinhard"):
-        raise KaryoError("stain_norm is none, macenko or reinhard", code="invalid_config")
-    return clean
+def validate_architecture(*, architecture: str) -> str:
+    try:
+        return catalog.validate_architecture(architecture)
+    except catalog.CatalogError as exc:
+        raise KaryoError(str(exc), code="invalid_architecture", details=exc.details()) from None
 
 
 # --- validation split ------------------------------------------------------------------------
@@ -108,12 +102,10 @@ def start_training_run(
     *, project: Project, architecture: str | None = None, config: dict[str, Any] | None = None, started_by=None,
     trigger: str = "manual",
 ) -> TrainingRun:
-    from . import tasks
-
-    architecture = architecture or project.default_architecture
-    if architecture not in ARCHITECTURES:
-        raise KaryoError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}", code="invalid_architecture")
-    clean = {**_validate_config(project.training_defaults), **_validate_config(config or {})}
+    ensure_not_archived(project=project)
+    architecture = validate_architecture(architecture=architecture or project.default_architecture)
+    defaults = validate_run_config(config=project.training_defaults, source="the project's training defaults")
+    clean = validate_run_config(config={**defaults, **(config or {})}, architecture=architecture)
     fail_stale_runs(project=project)
     if not Annotation.objects.filter(tile__project=project, status__in=accepted_statuses(project)).exists():
         raise Conflict("the project has no accepted annotations to train on yet")
@@ -125,7 +117,7 @@ def start_training_run(
                 project=project, architecture=architecture, config=clean, started_by=started_by, trigger=trigger,
                 warm_start=active if active is not None and active.architecture == architecture else None,
             )
-            transaction.on_commit(lambda: tasks.train.delay(run.pk))
+            enqueue_on_commit("karyo.gpu.train", run.pk)  # ml.tasks.train
     except IntegrityError:
         live = TrainingRun.objects.filter(project=project, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]).first()
         raise Conflict(f"training run {live.pk if live else '?'} is already in progress for this project") from None
@@ -142,7 +134,11 @@ def cancel_run(*, run: TrainingRun, by=None) -> TrainingRun:
         status=RunStatus.CANCELLED, cancel_requested=True, finished_at=timezone.now()
     )
     if not updated:
-        TrainingRun.objects.filter(pk=run.pk).update(cancel_requested=True)
+        # Only while it runs: a run that finished meanwhile is reported, not silently marked.
+        running = TrainingRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(cancel_requested=True)
+        if not running:
+            run.refresh_from_db()
+            raise Conflict(f"run {run.pk} is already {run.status}")
     run.refresh_from_db()
     events.record(run.project_id, "run.cancel", f"training run {run.pk} cancelled", actor=by, run=run.pk)
     return run
@@ -166,6 +162,11 @@ def maybe_auto_retrain(*, project: Project) -> TrainingRun | None:
         return start_training_run(project=project, trigger="auto")
     except Conflict:
         return None  # another submission won the race: one run, not many
+    except KaryoError as exc:
+        # Settings stored before the catalog checked them must not fail the annotation that crossed
+        # the threshold: no run starts, and the activity feed says why.
+        events.record(project.pk, "run.refused", f"automatic training run not started: {exc.detail}", code=exc.code)
+        return None
 
 
 def on_annotation_saved(*, annotation: Annotation) -> None:
@@ -269,9 +270,7 @@ def rollback(*, project: Project, by=None) -> ModelVersion:
 
 def after_promotion(*, project: Project, model_version: ModelVersion) -> None:
     """Predict every tile with the new active model, then re-rank (chained on the gpu queue)."""
-    from . import tasks
-
-    transaction.on_commit(lambda: tasks.predict.delay(project.pk, model_version.pk, None, True))
+    enqueue_on_commit("karyo.gpu.predict", project.pk, model_version.pk, None, True)  # ml.tasks.predict
 
 
 # --- the queue -------------------------------------------------------------------------------

@@ -8,12 +8,19 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from backend.common.permissions import method_role, project_for
+from backend.projects.permissions import method_role, project_for
 
 from . import services
+from .invitations import invite_member
 from .models import Membership, Role
 from .selectors import projects_visible_to
-from .serializers import MembershipSerializer, ProjectSerializer, RoleSerializer
+from .serializers import (
+    InvitationResultSerializer,
+    InvitationSerializer,
+    MembershipSerializer,
+    ProjectSerializer,
+    RoleSerializer,
+)
 
 
 class MeSerializer(serializers.Serializer):
@@ -58,6 +65,26 @@ class ProjectDetailView(generics.RetrieveUpdateAPIView):
     def get_object(self):
         return project_for(user=self.request.user, project_id=self.kwargs["project_id"], minimum=method_role(self.request))
 
+    def perform_update(self, serializer):
+        services.ensure_not_archived(project=serializer.instance)
+        serializer.save()
+
+
+class ProjectArchiveView(APIView):
+    """POST archives the project (read-only, listed apart); DELETE restores it. Admins."""
+
+    @extend_schema(request=None, responses=ProjectSerializer)
+    def post(self, request, project_id: int):
+        project = project_for(user=request.user, project_id=project_id, minimum=Role.ADMIN)
+        project = services.archive_project(project=project)
+        return Response(ProjectSerializer(project, context={"request": request}).data)
+
+    @extend_schema(request=None, responses=ProjectSerializer)
+    def delete(self, request, project_id: int):
+        project = project_for(user=request.user, project_id=project_id, minimum=Role.ADMIN)
+        project = services.restore_project(project=project)
+        return Response(ProjectSerializer(project, context={"request": request}).data)
+
 
 class MembershipListView(generics.ListCreateAPIView):
     serializer_class = MembershipSerializer
@@ -69,14 +96,19 @@ class MembershipListView(generics.ListCreateAPIView):
     def get_queryset(self):
         return Membership.objects.filter(project=self.get_project()).select_related("user")
 
+    @extend_schema(request=InvitationSerializer, responses={201: InvitationResultSerializer})
     def create(self, request, *args, **kwargs):
+        """Invite by username or e-mail: an unknown person gets an account and a one-time
+        set-password link (e-mailed when SMTP is configured, otherwise returned here and logged)."""
         project = self.get_project()
-        serializer = self.get_serializer(data=request.data)
+        serializer = InvitationSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        membership = services.add_member(
-            project=project, username=serializer.validated_data["user"]["username"], role=serializer.validated_data["role"]
-        )
-        return Response(MembershipSerializer(membership).data, status=status.HTTP_201_CREATED)
+        data = serializer.validated_data
+        invitation = invite_member(project=project, username=data.get("username", ""), email=data.get("email", ""),
+                                   role=data["role"], invited_by=request.user)
+        body = {**MembershipSerializer(invitation.membership).data, "account_created": invitation.account_created,
+                "emailed": invitation.emailed, "set_password_url": invitation.set_password_url}
+        return Response(body, status=status.HTTP_201_CREATED)
 
 
 class MembershipDetailView(APIView):

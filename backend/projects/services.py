@@ -4,6 +4,7 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.utils import timezone
 
 from backend.common.errors import Conflict, KaryoError
 
@@ -57,3 +58,56 @@ def _ensure_another_admin(membership: Membership) -> None:
     others = Membership.objects.filter(project=membership.project, role=Role.ADMIN).exclude(pk=membership.pk)
     if not others.exists():
         raise Conflict("a project must keep at least one admin")
+
+
+def assign_class_ids(*, classes: list[dict], previous: list[dict] | None = None) -> list[dict]:
+    """Karyo owns class ids: a class that keeps its id (an edit) keeps it, every other class gets
+    the next id never used in this project, so stored label maps never change meaning."""
+    previous = previous or []
+    known = {c["id"] for c in previous}
+    next_id = max(known | {0}) + 1
+    result = []
+    for item in classes:
+        kept = item.get("id")
+        if isinstance(kept, int) and kept in known:
+            result.append({"id": kept, "name": item["name"], "color": item["color"]})
+            known.discard(kept)
+        else:
+            result.append({"id": next_id, "name": item["name"], "color": item["color"]})
+            next_id += 1
+    return result
+
+
+def removed_classes_in_use(*, project: Project, classes: list[dict]) -> list[str]:
+    """Names of the project's classes missing from ``classes`` that annotations still use."""
+    from backend.images.models import Annotation
+
+    kept = {c["id"] for c in classes}
+    removed = [c for c in project.nucleus_classes if c["id"] not in kept]
+    if not removed:
+        return []
+    used: set[int] = set()
+    for mapping in Annotation.objects.filter(tile__project=project).exclude(classes={}).values_list("classes", flat=True):
+        used.update(int(v) for v in mapping.values())
+    return [c["name"] for c in removed if c["id"] in used]
+
+
+def ensure_not_archived(*, project: Project) -> None:
+    """Archived projects are read-only: no settings changes, no new work served, no training."""
+    if project.archived_at is not None:
+        raise Conflict(f"project {project.name!r} is archived: an admin restores it on its settings page to change it",
+                       code="project_archived")
+
+
+def archive_project(*, project: Project) -> Project:
+    if project.archived_at is None:
+        project.archived_at = timezone.now()
+        project.save(update_fields=["archived_at"])
+    return project
+
+
+def restore_project(*, project: Project) -> Project:
+    if project.archived_at is not None:
+        project.archived_at = None
+        project.save(update_fields=["archived_at"])
+    return project

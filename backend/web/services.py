@@ -11,6 +11,7 @@ import numpy as np
 from django.conf import settings
 from django.core.cache import cache
 from django.core.files.storage import default_storage
+from django.db import transaction
 from django.db.models import Count, OuterRef, Subquery
 from PIL import Image as PILImage
 
@@ -19,18 +20,14 @@ from backend.common.storage import read_bytes, read_label_map
 from backend.images import services as image_services
 from backend.images.models import Annotation, AnnotationSource, AnnotationStatus, Image, Tile
 from backend.ml.models import ModelStatus, ModelVersion, Prediction, QueueEntry, RunStatus, TrainingRun
-from backend.ml.services import ARCHITECTURES
-from backend.projects.models import Project
+from backend.projects.activity import member_activity
+from backend.projects.models import Project, Role
+from ml_worker import catalog
 
 from . import editing
 
-# What the training form offers. ml_worker.training/losses import torch, which the web server
-# does not load: tests/backend/test_web.py checks these against ml_worker's own definitions.
-TRAIN_DEFAULTS = {"epochs": 50, "batch_size": 8, "lr": 1e-3, "tile_size": 256, "stain_norm": "none", "loss": "",
-                  "steps_per_epoch": None, "width": None, "augment": "default", "early_stopping_patience": 10}
-LOSSES = ("ce", "dice", "ce_dice", "focal_tversky", "border_ce", "bce", "bce_dice", "ssim", "edge_l1")
-STAIN_NORMS = ("none", "macenko", "reinhard")
-AUGMENT_PRESETS = ("none", "light", "default")
+# What the training form starts from: the engine catalog's defaults (torch-free, like the web server).
+TRAIN_DEFAULTS = {option.name: option.default for option in (*catalog.TRAINING_OPTIONS, catalog.WIDTH_OPTION)}
 
 
 # --- what the editor opens ---------------------------------------------------------------------
@@ -157,7 +154,21 @@ def submit_edits(*, tile: Tile, user, data: dict) -> tuple[Annotation, editing.E
         tile=tile, instances=result.instances, author=user, source=source, status=status,
         parent=annotation, prediction=prediction, classes=result.classes,
     )
+    if status == AnnotationStatus.SUBMITTED:
+        _record_submission(tile=tile, user=user, annotation=stored, seconds=data.get("seconds_spent"))
     return stored, result, (time.perf_counter() - started) * 1000
+
+
+def _record_submission(*, tile: Tile, user, annotation: Annotation, seconds: int | None) -> None:
+    """The activity feed entry; its ``seconds`` add up to the member's time spent on the dashboard."""
+    from backend.ml import events
+    from backend.projects.activity import SUBMITTED_EVENT
+
+    project_id, name = tile.project_id, getattr(user, "username", "someone")
+    transaction.on_commit(lambda: events.record(
+        project_id, SUBMITTED_EVENT, f"{name} submitted tile {tile.pk} (version {annotation.version})", actor=user,
+        tile=tile.pk, annotation=annotation.pk, seconds=seconds,
+    ))
 
 
 # --- overlays -----------------------------------------------------------------------------------
@@ -254,11 +265,13 @@ def project_summary(*, project: Project, role: str | None) -> dict:
         "last_run": TrainingRunSerializer(last_run).data if last_run else None,
         "label_studio": label_studio,
         "training_form": {
-            "architectures": list(ARCHITECTURES), "losses": list(LOSSES), "stain_norms": list(STAIN_NORMS),
-            "augment": list(AUGMENT_PRESETS), "defaults": defaults,
+            "architectures": catalog.architecture_names(), "losses": catalog.training_loss_names(),
+            "stain_norms": catalog.stain_normalizer_names(), "augment": catalog.augment_preset_names(),
+            "defaults": defaults,
             "default_architecture": project.default_architecture,
         },
-        "strategies": strategy_names(),
+        "strategies": catalog.strategy_names(),
+        "activity": member_activity(project=project) if role in (Role.REVIEWER, Role.ADMIN) else None,
     }
 
 
@@ -287,7 +300,7 @@ WORKER_OFFLINE_CACHE_SECONDS = 3.0
 
 def worker_status(*, refresh: bool = False) -> dict:
     """Whether a Celery worker answers a ping (cached a few seconds: a ping waits 1 s when none does)."""
-    from backend.karyo.celery import app
+    from celery import current_app as app  # Karyo's app (Celery's Django fix-up makes it the default)
 
     with _worker_lock:
         # A worker that answered is trusted for a while; "offline" is re-checked sooner.
@@ -313,12 +326,6 @@ def worker_status(*, refresh: bool = False) -> dict:
                 value = {"online": True, "workers": ["(busy training)"], "error": None}
         _worker_state.update(checked=time.monotonic(), value=value)
         return value
-
-
-def strategy_names() -> list[str]:
-    from ml_worker.active_learning import STRATEGIES  # numpy only: no torch in the web server
-
-    return sorted(STRATEGIES)
 
 
 def label_studio_links(*, project: Project, tile: Tile | None = None) -> dict:

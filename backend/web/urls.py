@@ -1,7 +1,7 @@
 """Pages at the site root and the UI's API under /api/ (included once, at "", in karyo/urls.py)."""
 from django.urls import path
 
-from . import api, views
+from . import api, slides, views
 
 urlpatterns = [
     path("login/", views.LoginView.as_view(), name="login"),
@@ -31,4 +31,6 @@ urlpatterns = [
     path("api/projects/<int:project_id>/tiles-by-image/", api.ImageTilesView.as_view(), name="project-image-tiles"),
     path("api/projects/<int:project_id>/review/", api.ReviewListView.as_view(), name="review-list"),
     path("api/system/status/", api.SystemStatusView.as_view(), name="system-status"),
+    path("api/images/<int:image_id>/tiles/", slides.SlideTilesView.as_view(), name="slide-tiles"),
+    path("api/images/<int:image_id>/nuclei/", slides.SlideNucleiView.as_view(), name="slide-nuclei"),
 ]

@@ -2,7 +2,7 @@ import { describe, it } from "node:test";
 import { expect } from "./expect.js";
 import { errorFrom, cookie } from "../src/lib/api.js";
 import { backoffDelay } from "../src/lib/socket.js";
-import { duration, metric, parseTrainingForm, percent, relativeTime, roleAtLeast, statusLabel, versionMetrics } from "../src/lib/format.js";
+import { duration, metric, parseTrainingForm, percent, relativeTime, roleAtLeast, statusLabel, versionMetrics, withArticle, runProgress, runEtaSeconds } from "../src/lib/format.js";
 
 describe("roles", () => {
   it("orders viewer < annotator < reviewer < admin", () => {
@@ -10,6 +10,13 @@ describe("roles", () => {
     expect(roleAtLeast("viewer", "annotator")).toBe(false);
     expect(roleAtLeast("reviewer", "reviewer")).toBe(true);
     expect(roleAtLeast(null, "viewer")).toBe(false);
+  });
+
+  it("says an annotator, an admin, a viewer, a reviewer", () => {
+    expect(withArticle("annotator")).toBe("an annotator");
+    expect(withArticle("admin")).toBe("an admin");
+    expect(withArticle("viewer")).toBe("a viewer");
+    expect(withArticle("reviewer")).toBe("a reviewer");
   });
 });
 
@@ -73,5 +80,32 @@ describe("reconnecting", () => {
   it("backs off exponentially up to a cap", () => {
     expect([0, 1, 2, 3].map((n) => backoffDelay(n))).toEqual([500, 1000, 2000, 4000]);
     expect(backoffDelay(20)).toBe(15000);
+  });
+});
+
+describe("training run progress", () => {
+  it("never shows 100 % while the last epoch is still being validated", () => {
+    const bar = runProgress({ status: "running", progress: 1.0 }, 5, 6);
+    expect(bar.fraction < 1).toBe(true);
+    expect(bar.label).toBe("99% · validating epoch 6");
+    expect(bar.counter).toBe("epoch 6 of 6");
+  });
+
+  it("counts the epoch in progress", () => {
+    const bar = runProgress({ status: "running", progress: 0.6 }, 3, 6);
+    expect(bar.label).toBe("60%");
+    expect(bar.counter).toBe("epoch 4 of 6");
+  });
+
+  it("says when a finished run stopped early", () => {
+    expect(runProgress({ status: "succeeded", progress: 1 }, 5, 6).counter).toBe("stopped early after 5 of 6 epochs");
+    expect(runProgress({ status: "succeeded", progress: 1 }, 6, 6).label).toBe("100%");
+  });
+
+  it("estimates the time left from the time taken so far", () => {
+    const now = Date.parse("2026-01-01T00:10:00Z");
+    expect(runEtaSeconds({ status: "running", progress: 0.5, started_at: "2026-01-01T00:00:00Z" }, now)).toBe(600);
+    expect(runEtaSeconds({ status: "running", progress: 0.0, started_at: "2026-01-01T00:00:00Z" }, now)).toBe(null);
+    expect(runEtaSeconds({ status: "queued", progress: 0.5, started_at: null }, now)).toBe(null);
   });
 });

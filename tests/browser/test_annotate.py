@@ -78,7 +78,7 @@ def test_an_annotator_corrects_a_tile_from_the_queue_and_sees_the_new_version(pr
     s.page.keyboard.press("g")
     s.page.wait_for_selector(".merge-list li")
     s.page.keyboard.press("Control+s")
-    s.page.wait_for_function(f"document.querySelectorAll('[data-testid=recent-item]').length === 2")
+    s.page.wait_for_function("document.querySelectorAll('[data-testid=recent-item]').length === 2")
     draft = Annotation.objects.get(tile_id=next_tile)
     assert draft.status == AnnotationStatus.DRAFT
     predicted_next = read_label_map(draft.prediction.mask.name)
@@ -165,6 +165,9 @@ def test_a_300_nucleus_tile_opens_and_submits_in_the_editor(make_user, open_sess
     editor.select_region(s.page, result[0])
     s.page.keyboard.press("Backspace")
     s.page.wait_for_function(f"window.karyoEditor.regionCount() === {nuclei - 1}")
+    # The panel's count follows the deletion (it used to keep counting the deleted nucleus).
+    s.page.wait_for_function(
+        f"document.querySelector('[data-testid=region-count]').textContent.startsWith('{nuclei - 1} outlines')", timeout=5_000)
     editor.drag_first_point(s.page, result[1], 10, 10)
     started = time.perf_counter()
     s.page.keyboard.press("Control+Enter")

@@ -68,7 +68,8 @@ export class NucleusEditor {
         onSubmitAnnotation: () => this.options.onSubmitShortcut?.(),
         onUpdateAnnotation: () => this.options.onSubmitShortcut?.(),
         onEntityCreate: () => this.options.onChange?.(),
-        onEntityDelete: () => this.options.onChange?.(),
+        // Label Studio calls this before the region leaves its store: count after it has.
+        onEntityDelete: () => setTimeout(() => this.options.onChange?.(), 0),
       });
     });
     this.store = await loaded;

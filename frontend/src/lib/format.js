@@ -6,6 +6,11 @@ export function roleAtLeast(role, minimum) {
   return ROLES.indexOf(role) >= 0 && ROLES.indexOf(role) >= ROLES.indexOf(minimum);
 }
 
+// "a viewer", "an annotator", "an admin": the article for a role (or any word).
+export function withArticle(word) {
+  return `${/^[aeiou]/i.test(String(word ?? "")) ? "an" : "a"} ${word}`;
+}
+
 export function relativeTime(value, now = Date.now()) {
   if (!value) return "—";
   const then = typeof value === "number" ? value : Date.parse(value);
@@ -99,4 +104,46 @@ export function parseTrainingForm(values) {
 export function versionMetrics(version) {
   const m = version?.metrics || {};
   return { dice: m.dice ?? null, aji: m.aji ?? null, pq: m.pq ?? m.panoptic_quality ?? null, f1: m.object_f1 ?? m.f1 ?? null };
+}
+
+// A training run's bar and counter. Step events reach progress 1.0 at the last step of the last
+// epoch, before that epoch is validated (and the model gated): a live run never shows 100 %, and
+// the counter names the epoch in progress, not the last one finished.
+export function runProgress(run, epochsDone, totalEpochs) {
+  const total = Number.isFinite(totalEpochs) && totalEpochs > 0 ? totalEpochs : null;
+  if (run.status === "succeeded") {
+    const counter = total && epochsDone < total ? `stopped early after ${epochsDone} of ${total} epochs` : `${epochsDone} epochs`;
+    return { fraction: 1, label: "100%", counter };
+  }
+  if (run.status === "queued") return { fraction: 0, label: "queued", counter: total ? `${total} epochs planned` : "queued" };
+  if (run.status !== "running") {
+    const fraction = total ? epochsDone / total : (run.progress || 0);
+    return { fraction, label: `${Math.floor(fraction * 100)}%`, counter: total ? `${epochsDone} of ${total} epochs` : `${epochsDone} epochs` };
+  }
+  const fraction = Math.min(Math.max(run.progress || 0, total ? epochsDone / total : 0), 0.99);
+  const current = total ? Math.min(epochsDone + 1, total) : epochsDone + 1;
+  const validating = total && (run.progress || 0) >= current / total - 1e-9;
+  return {
+    fraction,
+    label: `${Math.floor(fraction * 100)}%${validating ? ` · validating epoch ${current}` : ""}`,
+    counter: total ? `epoch ${current} of ${total}` : `epoch ${current}`,
+  };
+}
+
+// Seconds left, from the time the run has taken so far and its progress (null when unknown).
+export function runEtaSeconds(run, now = Date.now()) {
+  if (run.status !== "running" || !run.started_at) return null;
+  const progress = run.progress || 0;
+  if (progress < 0.02) return null;
+  const elapsed = (now - Date.parse(run.started_at)) / 1000;
+  if (!Number.isFinite(elapsed) || elapsed <= 0) return null;
+  return Math.max(0, Math.round(elapsed * (1 - progress) / progress));
+}
+
+export function etaText(seconds) {
+  if (seconds === null || seconds === undefined) return "estimating time left…";
+  if (seconds < 60) return "under a minute left";
+  const minutes = Math.round(seconds / 60);
+  if (minutes < 90) return `about ${minutes} min left`;
+  return `about ${(minutes / 60).toFixed(1)} h left`;
 }

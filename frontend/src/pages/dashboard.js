@@ -3,7 +3,7 @@
 import { api, listAll } from "../lib/api.js";
 import { lineChart } from "../lib/chart.js";
 import { h, replace, svg } from "../lib/dom.js";
-import { metric, percent, plural, relativeTime, roleAtLeast, statusLabel, versionMetrics } from "../lib/format.js";
+import { etaText, metric, percent, plural, relativeTime, roleAtLeast, runEtaSeconds, runProgress, statusLabel, versionMetrics } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, progressBar, projectUrl, spinner } from "../lib/layout.js";
 
 export function versionChart(versions) {
@@ -17,6 +17,16 @@ export function versionChart(versions) {
 
 function stat(label, value, sub = null, testid = null) {
   return h("div", { class: "stat", "data-testid": testid }, h("div", { class: "stat-label" }, label), h("div", { class: "stat-value" }, value), sub ? h("div", { class: "stat-sub" }, sub) : null);
+}
+
+function activityTable(rows) {
+  const hours = (s) => (s >= 3600 ? `${(s / 3600).toFixed(1)} h` : s >= 60 ? `${Math.round(s / 60)} min` : s ? `${s} s` : "—");
+  return h("table", { class: "table", "data-testid": "activity-table" },
+    h("thead", {}, h("tr", {}, ["Member", "Role", "Tiles submitted", "Accepted", "Rejected", "Time in the workspace"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, rows.map((r) => h("tr", { dataset: { username: r.username } },
+      h("td", {}, h("strong", {}, r.username)), h("td", {}, h("span", { class: `role role-${r.role}` }, r.role)),
+      h("td", {}, String(r.tiles_submitted)), h("td", {}, String(r.accepted)), h("td", {}, String(r.rejected)),
+      h("td", { title: `${r.seconds_spent} s measured from opening a tile to submitting it` }, hours(r.seconds_spent))))));
 }
 
 export async function render(main, { config, socket }) {
@@ -64,15 +74,21 @@ export async function render(main, { config, socket }) {
           ...["dice", "aji", "pq"].map((k) => h("div", { class: "metric" }, h("div", { class: "metric-value" }, metric(versionMetrics(active)[k])), h("div", { class: "metric-label" }, k.toUpperCase())))),
         h("p", { class: "muted small" }, active.status_reason),
         h("p", { class: "small" }, `Predictions for ${c.predicted} of ${c.tiles} tiles.`))
-      : emptyState("No model yet", "Annotate a few tiles, then an admin launches the first training run (or it starts by itself after "
+      : live
+        ? emptyState("First model in training", `Run ${live.id} (${live.architecture}) is ${statusLabel(live.status)}: `
+          + `${runProgress(live, (live.epoch_metrics || []).length, Number(live.config?.epochs)).label}, ${etaText(runEtaSeconds(live))}. `
+          + "Its predictions appear here and in the queue when it finishes.", null, "running")
+        : emptyState("No model yet", "Annotate a few tiles, then an admin launches the first training run (or it starts by itself after "
         + `${summary.project.auto_retrain_threshold} accepted annotations).`,
         roleAtLeast(project.my_role, "admin") ? h("a", { class: "btn btn-primary", href: projectUrl(project, "training/") }, "Launch training") : null),
     { actions: h("a", { href: projectUrl(project, "models/"), class: "link" }, "All versions →") });
 
+    const liveBar = live ? runProgress(live, (live.epoch_metrics || []).length, Number(live.config?.epochs)) : null;
     const runCard = live
       ? card("Training now", h("div", {},
-        h("p", {}, `Run ${live.id} (${live.architecture}) is ${statusLabel(live.status)}.`),
-        progressBar(live.progress, `${Math.round((live.progress || 0) * 100)}%`),
+        h("p", {}, `Run ${live.id} (${live.architecture}) is ${statusLabel(live.status)}: ${liveBar.counter}.`),
+        progressBar(liveBar.fraction, liveBar.label),
+        live.status === "running" ? h("p", { class: "muted small", "data-testid": "run-eta" }, etaText(runEtaSeconds(live))) : null,
         h("a", { class: "link", href: projectUrl(project, "training/") }, "Watch the curves →")))
       : null;
 
@@ -97,8 +113,10 @@ export async function render(main, { config, socket }) {
           h("span", { class: "muted small" }, " · " + relativeTime(e.created_at)))))
       : emptyState("Nothing yet", "Submissions, training runs and promotions will show up here."));
 
+    const members = summary.activity ? card("Members' activity", activityTable(summary.activity), { id: "member-activity" }) : null;
+
     replace(body, h("div", { class: "dash-grid" },
-      h("div", { class: "col-main" }, progress, chart, grid),
+      h("div", { class: "col-main" }, progress, members, chart, grid),
       h("div", { class: "col-side" }, runCard, model, activity)));
   }
 

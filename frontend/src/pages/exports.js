@@ -1,7 +1,7 @@
 // Exports: choose the annotations and the format, start, watch progress, download.
 import { api, listAll } from "../lib/api.js";
 import { h, replace } from "../lib/dom.js";
-import { relativeTime, roleAtLeast, statusLabel } from "../lib/format.js";
+import { relativeTime, roleAtLeast, statusLabel, withArticle } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, onWorkerStatus, progressBar, spinner, toast } from "../lib/layout.js";
 
 const FORMATS = [
@@ -35,7 +35,7 @@ export async function render(main, { config }) {
     h("div", { class: "train-grid" }, h("div", { class: "col-side" }, formSlot), h("div", { class: "col-main" }, listSlot)));
 
   if (!roleAtLeast(project.my_role, "reviewer")) {
-    replace(listSlot, emptyState("Exports are for reviewers and admins", `You are a ${project.my_role} in this project.`));
+    replace(listSlot, emptyState("Exports are for reviewers and admins", `You are ${withArticle(project.my_role)} in this project.`));
     return;
   }
   const polling = new Map();

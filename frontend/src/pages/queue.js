@@ -2,7 +2,7 @@
 // "Start annotating" (leases the top tile nobody holds and opens it).
 import { api, ApiError } from "../lib/api.js";
 import { h, replace } from "../lib/dom.js";
-import { metric, plural, relativeTime, roleAtLeast } from "../lib/format.js";
+import { etaText, metric, plural, relativeTime, roleAtLeast, runEtaSeconds, runProgress, withArticle } from "../lib/format.js";
 import { card, emptyState, errorBox, onWorkerStatus, projectUrl, spinner, toast } from "../lib/layout.js";
 
 export async function startAnnotating(project) {
@@ -64,7 +64,7 @@ export async function render(main, { config, socket }) {
       h("p", { class: "muted" }, "Tiles ranked by how much a correction should teach the model. The prediction is already drawn: fix it and submit."),
       h("div", { class: "head-actions" }, start, heatToggle, rankForm)),
     banner, meta, grid);
-  if (!canAnnotate) banner.append(h("div", { class: "note" }, `You are a ${project.my_role} in this project: you can look at the queue, but annotating needs the annotator role.`));
+  if (!canAnnotate) banner.append(h("div", { class: "note" }, `You are ${withArticle(project.my_role)} in this project: you can look at the queue, but annotating needs the annotator role.`));
 
   onWorkerStatus((status) => {
     banner.querySelector(".worker-offline")?.remove();
@@ -96,14 +96,18 @@ export async function render(main, { config, socket }) {
           ? emptyState("Queue empty: everything is annotated", "Every tile has an annotation. Reviewers can accept or reject them on the Review page.", null, "ok")
           : emptyState("Queue empty", summary.active_model
             ? "The queue is being ranked or has not been ranked yet. An admin can re-rank it."
-            : "No model has been trained yet, so nothing is ranked. An admin can rank the tiles at random (Re-rank → random) or launch a first training run.",
+            : summary.live_run
+              ? `The first model is training (${trainingNow(summary.live_run)}); the tiles are ranked as soon as it finishes.`
+              : "No model has been trained yet, so nothing is ranked. An admin can rank the tiles at random (Re-rank → random) or launch a first training run.",
           isAdmin ? h("a", { class: "btn", href: projectUrl(project, "training/") }, "Training") : null));
       start.disabled = true;
       return;
     }
     start.disabled = !canAnnotate;
-    if (!summary.active_model) banner.querySelector(".no-model") || banner.append(h("div", { class: "note no-model" },
-      "No model yet: tiles are in random order and show no prediction. Corrections start from an empty tile."));
+    banner.querySelector(".no-model")?.remove();
+    if (!summary.active_model) banner.append(h("div", { class: "note no-model", "data-testid": "no-model-note" }, summary.live_run
+      ? `The first model is training (${trainingNow(summary.live_run)}). Until it finishes, tiles are in random order and show no prediction.`
+      : "No model yet: tiles are in random order and show no prediction. Corrections start from an empty tile."));
     replace(grid, entries.map((e) => {
       const mine = e.leased_by === user.username;
       const held = e.leased_by && !mine;
@@ -134,4 +138,9 @@ export async function render(main, { config, socket }) {
     clearTimeout(timer);
     timer = setTimeout(() => load().catch(() => {}), 500);
   });
+}
+
+function trainingNow(run) {
+  const bar = runProgress(run, (run.epoch_metrics || []).length, Number(run.config?.epochs));
+  return `run ${run.id}, ${bar.label}, ${etaText(runEtaSeconds(run))}`;
 }

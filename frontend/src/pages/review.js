@@ -2,7 +2,7 @@
 // accept or reject them with a comment.
 import { api } from "../lib/api.js";
 import { h, replace } from "../lib/dom.js";
-import { metric, plural, relativeTime, roleAtLeast, statusLabel } from "../lib/format.js";
+import { metric, plural, relativeTime, roleAtLeast, statusLabel, withArticle } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, projectUrl, spinner, toast } from "../lib/layout.js";
 
 const TABS = [["submitted", "Awaiting review"], ["reviewed", "Accepted"], ["rejected", "Rejected"]];
@@ -19,7 +19,7 @@ export async function render(main, { config, socket }) {
   main.append(
     h("div", { class: "page-head" }, h("h1", {}, "Review"),
       h("p", { class: "muted" }, "Each submission against the model's prediction: green was added by the annotator, red removed; yellow outlines are the annotation, cyan the prediction.")),
-    canReview ? "" : h("div", { class: "note" }, `You are a ${project.my_role}: you can look at submissions; accepting or rejecting needs the reviewer role.`),
+    canReview ? "" : h("div", { class: "note" }, `You are ${withArticle(project.my_role)}: you can look at submissions; accepting or rejecting needs the reviewer role.`),
     tabs,
     h("div", { class: "review" }, card(null, list, { className: "review-list-card" }), detail));
 

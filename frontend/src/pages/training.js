@@ -3,7 +3,7 @@
 import { api, listAll } from "../lib/api.js";
 import { lineChart, runSeries } from "../lib/chart.js";
 import { h, replace, svg } from "../lib/dom.js";
-import { duration, metric, parseTrainingForm, relativeTime, roleAtLeast, statusLabel } from "../lib/format.js";
+import { duration, etaText, metric, parseTrainingForm, relativeTime, roleAtLeast, runEtaSeconds, runProgress, statusLabel, withArticle } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, onWorkerStatus, progressBar, projectUrl, spinner, toast } from "../lib/layout.js";
 
 const LIVE = ["queued", "running"];
@@ -80,7 +80,7 @@ export async function render(main, { config, socket }) {
     replace(formSlot, card("Launch a run", form));
   } else {
     replace(formSlot, card("Launch a run", h("p", { class: "muted", "data-testid": "launch-denied" },
-      `Launching and cancelling runs needs the admin role; you are a ${project.my_role}. You can watch runs here.`)));
+      `Launching and cancelling runs needs the admin role; you are ${withArticle(project.my_role)}. You can watch runs here.`)));
   }
 
   onWorkerStatus((status) => {
@@ -112,6 +112,7 @@ export async function render(main, { config, socket }) {
     const last = state.epochs[state.epochs.length - 1];
     const total = last?.epochs ?? run.config?.epochs ?? "?";
     const live = LIVE.includes(run.status);
+    const bar = runProgress(run, state.epochs.length, Number(total));
     const cancel = isAdmin && live
       ? h("button", { class: "btn btn-danger btn-small", "data-testid": "cancel-run", disabled: run.cancel_requested || null, onclick: async () => {
         try {
@@ -136,10 +137,11 @@ export async function render(main, { config, socket }) {
     }
     replace(runSlot, card(`Run ${run.id} · ${run.architecture}`, h("div", {},
       h("div", { class: "run-status" }, badge(run.status, statusLabel(run.status)),
-        h("span", { "data-testid": "epoch-counter", "data-epochs": state.epochs.length }, ` epoch ${state.epochs.length} of ${total}`),
+        h("span", { "data-testid": "epoch-counter", "data-epochs": state.epochs.length }, ` ${bar.counter}`),
         h("span", { class: "muted small" }, ` · ${run.trigger}${run.started_by ? ` by ${run.started_by}` : ""} · ${relativeTime(run.created_at)}`),
         h("span", { class: "muted small", "data-testid": "live-epochs", "data-count": state.liveEpochs }, state.liveEpochs ? ` · ${state.liveEpochs} live updates` : "")),
-      progressBar(run.status === "succeeded" ? 1 : run.progress, `${Math.round((run.status === "succeeded" ? 1 : run.progress || 0) * 100)}%`),
+      progressBar(bar.fraction, bar.label),
+      live && run.status === "running" ? h("div", { class: "muted small", "data-testid": "run-eta" }, etaText(runEtaSeconds(run))) : null,
       offline, outcome, drawCharts(),
       h("details", { class: "small" }, h("summary", {}, "Configuration"), h("pre", {}, JSON.stringify(run.config, null, 2)))),
     { actions: cancel }));

@@ -5,7 +5,7 @@ import { api } from "../lib/api.js";
 import { h, replace } from "../lib/dom.js";
 import { addMerge, planEdits, pruneMerges } from "../lib/edits.js";
 import { loadLabelStudio, NucleusEditor } from "../lib/editor.js";
-import { duration, plural, relativeTime, roleAtLeast, statusLabel } from "../lib/format.js";
+import { duration, plural, relativeTime, roleAtLeast, statusLabel, withArticle } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, projectUrl, spinner, toast } from "../lib/layout.js";
 
 const SHORTCUTS = [
@@ -49,7 +49,7 @@ export async function render(main, { config }) {
       h("div", { class: "head-actions" },
         h("label", { class: "small" }, "Start from ", sourceSelect),
         h("a", { class: "btn btn-ghost btn-small", href: projectUrl(project, "queue/") }, "← Queue"))),
-    canEdit ? "" : h("div", { class: "note" }, `You are a ${project.my_role}: you can inspect the outlines, but saving needs the annotator role.`),
+    canEdit ? "" : h("div", { class: "note" }, `You are ${withArticle(project.my_role)}: you can inspect the outlines, but saving needs the annotator role.`),
     h("div", { class: "workspace" },
       h("div", { class: "editor-wrap" }, editorEl, perfLine),
       h("aside", { class: "side" },
@@ -182,7 +182,9 @@ export async function render(main, { config }) {
       const plan = planEdits(state.payload.result, current, pruneMerges(state.merges, state.editor.regionIds()));
       const saved = await api(`/api/tiles/${tileId}/regions/`, {
         method: "POST",
-        body: { base: currentBase(), regions: plan.regions, deleted: plan.deleted, merges: plan.merges, status },
+        body: { base: currentBase(), regions: plan.regions, deleted: plan.deleted, merges: plan.merges, status,
+          // Time with this tile open (member activity on the dashboard), capped like the server.
+          seconds_spent: state.openedAt ? Math.min(86400, Math.round((performance.now() - state.openedAt) / 1000)) : undefined },
       });
       const stored = performance.now();
       const record = { kind: "submit", tile: tileId, status, version: saved.version, sent_regions: plan.regions.length,
