@@ -208,51 +208,6 @@ def _split(samples: list[Sample], cfg: SimConfig) -> tuple[list[Sample], list[Sa
 
 
 # ============================================================================ training
-def recalibrate_batchnorm(
-    model: Any, samples: Sequence[Sample], size: int, *, normalizer: Any = None, n_patches: int = 64,
-    batch_size: int = 16, seed: int = 0, device: str | None = None,
-) -> bool:
-    """Recompute every BatchNorm's running mean / variance with the final weights
-    ("precise BN"): cumulative averages over ``n_patches`` un-augmented ``size`` patches of
-    ``samples``, forward passes in train mode without gradients; the model is left in eval
-    mode. Returns False (and does nothing) for a model without BatchNorm.
-
-    Why: the running statistics are exponential averages collected while the weights were
-    still moving; after a short training (a few dozen steps per round) they lag behind and
-    the eval-mode predictions swing from epoch to epoch (measured on CPM-15: held-out Dice
-    0.82 -> 0.64 -> 0.82 across consecutive epochs without recalibration; 0.80-0.82 with).
-    """
-    import torch
-
-    from ml_worker.data import PatchDataset
-    from ml_worker.inference import pick_device
-
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns or not samples:
-        return False
-    dev = pick_device(device)
-    model.to(dev)
-    ds = PatchDataset(list(samples), tile_size=int(size), augment=None, normalizer=normalizer,
-                      length=int(n_patches), seed=int(seed))
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    model.train()
-    try:
-        with torch.no_grad():
-            for b in range(0, len(ds), batch_size):
-                x = torch.stack([ds[i]["image"] for i in range(b, min(b + batch_size, len(ds)))])
-                if x.shape[0] < 2:
-                    break
-                model(x.to(dev))
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.eval()
-    return True
-
-
 class _Trainer:
     """Train / warm-start / evaluate through ``ml_worker.training`` (imported lazily)."""
 
@@ -287,6 +242,8 @@ class _Trainer:
         ``samples`` (the labelled tiles) when given and ``bn_recalibration`` is on."""
         model, norm, _ = self.t.load_for_inference(ckpt)
         if samples and self.cfg.bn_recalibration:
+            from ml_worker.stabilize import recalibrate_batchnorm
+
             t0 = time.perf_counter()
             recalibrate_batchnorm(model, samples, self.cfg.tile, normalizer=norm, seed=seed,
                                   device=self._device())

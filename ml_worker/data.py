@@ -11,7 +11,10 @@ message naming the file, so the caller (CLI, web job) can show it as is.
 
 :func:`preprocess` is the single image -> tensor-array conversion, shared by
 :class:`PatchDataset` (training) and ``ml_worker.inference`` (prediction), so the model sees
-identically normalised inputs in both.
+identically normalised inputs in both. With a :class:`Preprocessing` (what training now fits and
+stores in every checkpoint) the conversion is pixel-wise: stain normalisation, then fixed
+per-channel mean / std of the training images, so a pixel gets the same input value in a
+training patch, a 256-px tile and a whole slide.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "load_folder",
     "split_by_image",
     "preprocess",
+    "Preprocessing",
     "tile_grid",
     "PatchDataset",
 ]
@@ -322,16 +326,104 @@ def split_by_image(
 # ---------------------------------------------------------------- preprocessing
 
 
-def preprocess(image: np.ndarray, normalizer: StainNormalizer | None = None) -> np.ndarray:
-    """The model input for an image: optional stain normalisation, then per-channel z-score.
+_MIN_STD = 0.03  # same floor as stain.zscore: near-constant channels stay flat
+
+
+@dataclass
+class Preprocessing:
+    """How a model's input is made from RGB pixels; fitted by training, stored in the
+    checkpoint (``to_dict``) and used unchanged by every prediction.
+
+    ``mean`` / ``std`` (per channel, intensities in [0, 1]) are those of the stain-normalised
+    training images; None means the older per-image z-score (checkpoints written before
+    this existed, or ``input_norm="image"``), whose statistics depend on the crop.
+    It stands in wherever a stain normaliser was passed (``name``, ``fitted``, ``transform``
+    delegate to the stain normaliser; identity without one).
+    """
+
+    stain: StainNormalizer | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.stain.name if self.stain is not None else "none"
+
+    @property
+    def fitted(self) -> bool:
+        return bool(getattr(self.stain, "fitted", True)) if self.stain is not None else True
+
+    def transform(self, image: np.ndarray) -> np.ndarray:
+        """Stain normalisation only (uint8 in, uint8 out)."""
+        return image if self.stain is None else self.stain.transform(image)
+
+    def standardize(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8, already stain-normalised -> (3, H, W) float32."""
+        if self.mean is None or self.std is None:
+            return np.ascontiguousarray(zscore(image).transpose(2, 0, 1))
+        x = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)
+        if x.ndim == 2:
+            x = np.repeat(x[..., None], 3, axis=2)
+        mean = np.asarray(self.mean, np.float32)
+        inv = np.float32(1.0) / np.maximum(np.asarray(self.std, np.float32), np.float32(_MIN_STD))
+        return np.ascontiguousarray(((x - mean) * inv).transpose(2, 0, 1))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.standardize(self.transform(image))
+
+    @classmethod
+    def fit(cls, images: Sequence[np.ndarray], stain: StainNormalizer | None = None) -> "Preprocessing":
+        """Per-channel mean / std over every pixel of ``images`` after ``stain``."""
+        n = 0
+        s1 = np.zeros(3, np.float64)
+        s2 = np.zeros(3, np.float64)
+        for img in images:
+            x = np.asarray(img if stain is None else stain.transform(img))
+            if x.ndim == 2:
+                x = np.repeat(x[..., None], 3, axis=2)
+            x = x.reshape(-1, x.shape[-1])[:, :3].astype(np.float64) / 255.0
+            n += x.shape[0]
+            s1 += x.sum(axis=0)
+            s2 += np.square(x).sum(axis=0)
+        if n == 0:
+            raise DataError("cannot fit the input normalisation on no images")
+        mean = s1 / n
+        std = np.sqrt(np.maximum(s2 / n - np.square(mean), 0.0))
+        return cls(stain, tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stain": self.stain.to_dict() if self.stain is not None else None,
+            "mean": list(self.mean) if self.mean is not None else None,
+            "std": list(self.std) if self.std is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        from ml_worker.stain import normalizer_from_dict
+
+        stain = normalizer_from_dict(d["stain"]) if d.get("stain") else None
+        if stain is not None and stain.name == "none":
+            stain = None
+        mean = tuple(float(v) for v in d["mean"]) if d.get("mean") is not None else None
+        std = tuple(float(v) for v in d["std"]) if d.get("std") is not None else None
+        return cls(stain, mean, std)  # type: ignore[arg-type]
+
+
+def preprocess(image: np.ndarray, normalizer: "StainNormalizer | Preprocessing | None" = None) -> np.ndarray:
+    """The model input for an image.
 
     Args:
         image: (H, W, 3) uint8 RGB.
-        normalizer: fitted stain normaliser, or None.
+        normalizer: the run's :class:`Preprocessing` (pixel-wise: stain normalisation, then the
+            training set's channel statistics), or — for older checkpoints — a fitted stain
+            normaliser / None, followed by a per-image z-score.
 
     Returns:
         (3, H, W) float32, C-contiguous.
     """
+    if isinstance(normalizer, Preprocessing):
+        return normalizer(image)
     if normalizer is not None:
         image = normalizer.transform(image)
     return np.ascontiguousarray(zscore(image).transpose(2, 0, 1))
@@ -406,7 +498,10 @@ def _define_patch_dataset() -> type:
             tile_size: patch side in pixels.
             augment: :class:`Augmenter`, config / dict / preset name for one, or None (no
                 augmentation).
-            normalizer: fitted stain normaliser applied once per image at construction.
+            normalizer: the run's :class:`Preprocessing` (its stain normalisation is applied
+                once per image at construction, its channel statistics per patch), or a fitted
+                stain normaliser / None (then each patch is z-scored on its own, the older
+                behaviour).
             length: items per epoch; default: number of tiles needed to cover all images.
             seed: base seed.
             foreground_bias: probability of centring a patch on a random nucleus pixel instead
@@ -422,7 +517,7 @@ def _define_patch_dataset() -> type:
             samples: Sequence[Sample],
             tile_size: int = 256,
             augment: Augmenter | AugmentConfig | dict[str, Any] | str | None = None,
-            normalizer: StainNormalizer | None = None,
+            normalizer: "StainNormalizer | Preprocessing | None" = None,
             length: int | None = None,
             seed: int = 0,
             foreground_bias: float = 0.0,
@@ -491,7 +586,10 @@ def _define_patch_dataset() -> type:
             ins = _crop_padded(inst, y - m, x - m, t + 2 * m, t + 2 * m)
             if self.augmenter is not None:
                 img, ins = self.augmenter(img, ins, rng=rng, out_shape=(t, t))
-            x_arr = preprocess(img)
+            if isinstance(self.normalizer, Preprocessing):
+                x_arr = self.normalizer.standardize(img)
+            else:
+                x_arr = preprocess(img)
             ins_t = torch.from_numpy(np.ascontiguousarray(ins, dtype=np.int64))
             return {
                 "image": torch.from_numpy(x_arr),

@@ -35,26 +35,38 @@ Schedules:
   (its weights stay; its BatchNorm statistics adapt to the new images); phase 2 trains
   everything but BatchNorm (parameters and statistics frozen) at ``lr * phase2_lr_factor``.
 * **Warm start** (``init_weights``): a new run initialised from another checkpoint's weights.
+* **Learning rate** (``ml_worker.schedule``): linear warm-up, then constant, cosine or step decay,
+  applied every step to each parameter group's own base rate.
+* **What is validated and exported** (``ml_worker.stabilize``): the EMA of the weights when
+  ``ema_decay`` is set, with BatchNorm statistics recomputed over training patches
+  (``bn_recalibrate``, on by default); the optimised weights themselves go to ``last.pt`` only.
+
+Inputs: the run fits one :class:`~ml_worker.data.Preprocessing` (stain normaliser + per-channel
+statistics of the training images) used for the training patches, validation and, through the
+checkpoint's ``preprocess`` entry, every later prediction.
+
+Code layout: :mod:`ml_worker.train_config` (what defines a run), :mod:`ml_worker.schedule`
+(stages, phases, optimizers, learning rates), :mod:`ml_worker.stabilize` (EMA, precise BN), this
+module (the loop: :class:`_Run`).
 
 Checkpoints carry the model (name, constructor kwargs, weights), ``config`` (the
 :class:`TrainConfig` as a dict), ``history`` (per-epoch metrics), ``metrics`` (validation
-metrics of that checkpoint's epoch), ``stain`` (the fitted stain normaliser), ``stage`` and,
+metrics of that checkpoint's epoch), ``stain`` (the fitted stain normaliser), ``preprocess``
+(:meth:`Preprocessing.to_dict`), ``stage`` and,
 in ``last.pt``, ``train_state`` (optimizer state, epoch, torch RNG, best score,
-early-stopping counter). Resuming from ``last.pt`` continues at the next epoch and
+early-stopping counter, the weight average). Resuming from ``last.pt`` continues at the next epoch and
 reproduces the uninterrupted run (patches depend only on (seed, epoch, index); the RNG and
 optimizer state are restored).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +75,22 @@ import torch
 import torch.nn.functional as F
 
 from ml_worker.checkpoint import load_checkpoint, save_checkpoint
-from ml_worker.data import DataError, Sample, load_folder, split_by_image
+from ml_worker.data import DataError, Preprocessing, Sample, load_folder, split_by_image
 from ml_worker.inference import pick_device, predict_probs
 from ml_worker.metrics import all_metrics
-from ml_worker.models import MODELS, KaryoModel, create_model
+from ml_worker.models import KaryoModel, create_model
 from ml_worker.stain import StainNormalizer, make_normalizer, normalizer_from_dict, tissue_mask
+from ml_worker.schedule import (
+    apply_lr,
+    configure,
+    configure_model_only,
+    lr_factor,
+    make_optimizer,
+    make_plan,
+    stage_sizes,
+)
+from ml_worker.stabilize import WeightEMA, recalibrate_batchnorm, swapped_state
+from ml_worker.train_config import OPTIMIZERS, STAIN_NORMS, TrainConfig, TrainingError, TrainResult
 
 __all__ = [
     "TrainConfig",
@@ -79,207 +102,14 @@ __all__ = [
     "evaluate_samples",
     "stage_sizes",
     "OPTIMIZERS",
+    "STAIN_NORMS",
 ]
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
-STAIN_NORMS = ("none", "macenko", "reinhard")
 
 ProgressFn = Callable[[dict[str, Any]], None]
 StopFn = Callable[[], bool]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (non-finite loss, inconsistent resume checkpoint...)."""
-
-
-# ============================================================================ config
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (stored in every checkpoint).
-
-    Attributes:
-        arch: registered architecture name (``ml_worker.models.model_names()``).
-        model_kwargs: extra constructor kwargs (e.g. ``{"width": 16}``).
-        epochs: number of epochs (progressive growing: see ``epochs_per_stage``).
-        batch_size: patches per optimizer step.
-        lr: learning rate (not used by progressive growing, see ``stage_lr_*``).
-        weight_decay: L2 / decoupled weight decay.
-        optimizer: ``adam`` / ``adamw`` / ``rmsprop`` / ``sgd`` (momentum 0.9, Nesterov);
-            None = ``rmsprop`` for progressive growing, ``adam`` otherwise.
-        loss: overrides the model's default loss (``ml_worker.losses.LOSSES`` name).
-        tile_size: training patch side (and inference tile for validation).
-        steps_per_epoch: training *patches* per epoch, rounded up to whole batches (so the
-            number of optimizer steps is ``ceil(steps_per_epoch / batch_size)``); None = the
-            number of tiles needed to cover the training images once.
-        val_fraction: validation share of the images for :func:`train_from_folder`.
-        split_seed: seed of that image-level split (fixed, independent of ``seed``).
-        seed: model initialisation and patch sampling.
-        stain_norm: ``none`` / ``macenko`` / ``reinhard``, fitted on a reference training
-            image (the one with the most tissue) and stored in the checkpoint.
-        augment: augmentation preset name (``none`` / ``light`` / ``default``) or a dict for
-            ``AugmentConfig.from_dict``.
-        foreground_bias: probability of centring a patch on a nucleus.
-        early_stopping_patience: stop after this many epochs without a better validation
-            Dice; 0 / None disables.
-        val_every: validate every N epochs (and always at the last epoch).
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
-        progressive: PGU-net+ growing; None = on for models with ``set_stage``.
-        epochs_per_stage: epochs per growing stage (the paper uses 40); None =
-            ``ceil(epochs / num_stages)``. A progressive run lasts
-            ``num_stages * epochs_per_stage`` epochs.
-        stage_lr_new, stage_lr_old: learning rates of the new / carried layers while growing.
-        two_phase: U-Net# schedule; None = on when ``encoder_weights`` is given.
-        encoder_weights: local file of pre-trained encoder weights (``unet_sharp``,
-            ``hspnet``).
-        phase1_epochs: decoder-only epochs of the two-phase schedule; None =
-            ``max(1, epochs // 4)``.
-        phase2_lr_factor: learning-rate multiplier of phase 2.
-        grad_clip: clip the gradient norm to this value; None = off.
-        num_threads: ``torch.set_num_threads`` during training (restored afterwards).
-        num_workers: DataLoader worker processes (0 = in process).
-        resume: path of a ``last.pt`` to continue from (same run: optimizer, epoch, RNG...).
-        init_weights: warm start — a Karyo checkpoint of the same architecture whose weights
-            initialise the model (parameters whose shapes differ are left at their
-            initialisation); training itself starts at epoch 1 with a fresh optimizer.
-            Ignored when resuming.
-        out_dir: where ``last.pt`` and ``best.pt`` are written.
-    """
-
-    arch: str = "dssnet"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 50
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    optimizer: str | None = None
-    loss: str | None = None
-    tile_size: int = 256
-    steps_per_epoch: int | None = None
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    seed: int = 0
-    stain_norm: str = "none"
-    augment: str | dict[str, Any] = "default"
-    foreground_bias: float = 0.0
-    early_stopping_patience: int | None = 10
-    val_every: int = 1
-    device: str = "auto"
-    progressive: bool | None = None
-    epochs_per_stage: int | None = None
-    stage_lr_new: float = 1e-4
-    stage_lr_old: float = 1e-6
-    two_phase: bool | None = None
-    encoder_weights: str | None = None
-    phase1_epochs: int | None = None
-    phase2_lr_factor: float = 0.1
-    grad_clip: float | None = None
-    num_threads: int | None = None
-    num_workers: int = 0
-    resume: str | None = None
-    init_weights: str | None = None
-    out_dir: str = "runs/latest"
-
-    def __post_init__(self) -> None:
-        # Web forms send "" for "not set".
-        for name in ("optimizer", "loss", "encoder_weights", "resume", "init_weights", "steps_per_epoch",
-                     "epochs_per_stage", "phase1_epochs", "num_threads", "grad_clip"):
-            if getattr(self, name) == "":
-                setattr(self, name, None)
-        if self.model_kwargs is None:
-            self.model_kwargs = {}
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` with a one-line message for an inconsistent config."""
-        if self.arch not in MODELS:
-            raise ValueError(f"unknown architecture {self.arch!r}; available: {', '.join(sorted(MODELS))}")
-        if not isinstance(self.model_kwargs, dict):
-            raise ValueError("model_kwargs must be a dict")
-        for name in ("epochs", "batch_size", "tile_size", "val_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps_per_epoch is not None and int(self.steps_per_epoch) < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
-        if self.epochs_per_stage is not None and int(self.epochs_per_stage) < 1:
-            raise ValueError(f"epochs_per_stage must be >= 1, got {self.epochs_per_stage}")
-        if self.optimizer is not None and self.optimizer.lower() not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if str(self.stain_norm).lower() not in STAIN_NORMS:
-            raise ValueError(f"unknown stain_norm {self.stain_norm!r}; choose from {', '.join(STAIN_NORMS)}")
-        if not 0.0 <= float(self.val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if float(self.lr) <= 0 or float(self.stage_lr_new) <= 0 or float(self.stage_lr_old) < 0:
-            raise ValueError("learning rates must be positive")
-        if self.loss is not None:
-            from ml_worker.losses import LOSSES
-
-            if self.loss not in LOSSES:
-                raise ValueError(f"unknown loss {self.loss!r}; available: {', '.join(sorted(LOSSES))}")
-        if isinstance(self.augment, str):
-            from ml_worker.augment import AugmentConfig
-
-            AugmentConfig.preset(self.augment)  # raises ValueError on an unknown preset
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data dict (JSON / checkpoint friendly)."""
-        d = dataclasses.asdict(self)
-        d["model_kwargs"] = _plain(d["model_kwargs"])
-        d["augment"] = _plain(d["augment"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
-        return cls(**dict(d))
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
-
-def _plain(obj: Any) -> Any:
-    """Tuples → lists, recursively (JSON-friendly copies)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-@dataclass
-class TrainResult:
-    """Outcome of :func:`train`.
-
-    Attributes:
-        status: ``completed``, ``early_stopped`` or ``cancelled``.
-        epochs_completed: epochs finished in total (including those of a resumed run).
-        best_epoch: 1-based epoch of ``best.pt`` (None when none was written).
-        best_score: its validation Dice (None without validation).
-        best_metrics: its validation metrics.
-        history: one dict per epoch (``epoch``, ``train_loss``, ``train_parts``, ``val``,
-            ``stage``, ``phase``, ``lr``, ``time_s``...).
-        best_path, last_path: checkpoint files (None if not written).
-        elapsed_s: wall time of this call.
-    """
-
-    status: str
-    epochs_completed: int
-    best_epoch: int | None
-    best_score: float | None
-    best_metrics: dict[str, float]
-    history: list[dict[str, Any]]
-    best_path: str | None
-    last_path: str | None
-    config: dict[str, Any]
-    elapsed_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ============================================================================ helpers
@@ -321,126 +151,6 @@ def _fit_normalizer(name: str, samples: Sequence[Sample]) -> StainNormalizer | N
     ref = samples[int(np.argmax(areas))]
     norm.fit(ref.image)
     return norm
-
-
-def stage_sizes(num_stages: int, stage_input_size: Callable[[int], int], tile_size: int) -> list[int]:
-    """Training input side per progressive stage: ``min(stage_input_size(s), tile_size)``,
-    the last stage always at ``tile_size``."""
-    sizes = [min(int(stage_input_size(s)), int(tile_size)) for s in range(1, num_stages + 1)]
-    sizes[-1] = int(tile_size)
-    return sizes
-
-
-@dataclass
-class _Plan:
-    """Pure function of the epoch index: which stage / phase / input size / optimizer."""
-
-    total_epochs: int
-    progressive: bool
-    num_stages: int
-    epochs_per_stage: int
-    sizes: list[int]
-    two_phase: bool
-    phase1_epochs: int
-
-    def stage(self, epoch: int) -> int | None:
-        if not self.progressive:
-            return None
-        return min(self.num_stages, epoch // self.epochs_per_stage + 1)
-
-    def phase(self, epoch: int) -> int | None:
-        if not self.two_phase:
-            return None
-        return 1 if epoch < self.phase1_epochs else 2
-
-    def size(self, epoch: int, tile_size: int) -> int:
-        s = self.stage(epoch)
-        return tile_size if s is None else self.sizes[s - 1]
-
-    def key(self, epoch: int) -> str:
-        """Identifies the optimizer layout; a new key means a fresh optimizer."""
-        if self.progressive:
-            return f"stage{self.stage(epoch)}"
-        if self.two_phase:
-            return f"phase{self.phase(epoch)}"
-        return "all"
-
-    def final(self, epoch: int) -> bool:
-        """Whether epoch's model is the full (inference) model."""
-        return not self.progressive or self.stage(epoch) == self.num_stages
-
-
-def _make_plan(config: TrainConfig, model: KaryoModel) -> _Plan:
-    can_grow = callable(getattr(model, "set_stage", None)) and hasattr(model, "num_stages")
-    progressive = can_grow if config.progressive is None else bool(config.progressive)
-    if progressive and not can_grow:
-        raise ValueError(f"progressive growing needs a model with set_stage (e.g. pgunet_plus), not {config.arch!r}")
-    has_encoder = any(True for _ in model.encoder_parameters())
-    two_phase = bool(config.encoder_weights) if config.two_phase is None else bool(config.two_phase)
-    if two_phase and not has_encoder:
-        raise ValueError(f"two-phase training needs a model with an encoder (unet_sharp, hspnet), not {config.arch!r}")
-    if progressive and two_phase:
-        raise ValueError("progressive growing and two-phase training cannot be combined")
-    if progressive:
-        S = int(model.num_stages)  # type: ignore[attr-defined]
-        eps = int(config.epochs_per_stage or math.ceil(config.epochs / S))
-        sizes = stage_sizes(S, model.stage_input_size, config.tile_size)  # type: ignore[attr-defined]
-        for s, t in enumerate(sizes, start=1):
-            model.set_stage(s)  # type: ignore[attr-defined]
-            if t % model.size_divisor:
-                raise ValueError(
-                    f"stage {s} input size {t} is not a multiple of {model.size_divisor}; "
-                    f"use a tile_size that is a multiple of {model.size_divisor}"
-                )
-        model.set_stage(S)  # type: ignore[attr-defined]
-        return _Plan(S * eps, True, S, eps, sizes, False, 0)
-    if config.tile_size % model.size_divisor:
-        raise ValueError(
-            f"tile_size {config.tile_size} must be a multiple of {model.size_divisor} for {config.arch!r}"
-        )
-    p1 = int(config.phase1_epochs) if config.phase1_epochs is not None else max(1, config.epochs // 4)
-    if two_phase and not 0 < p1 < config.epochs:
-        raise ValueError(f"phase1_epochs must be in 1..epochs-1, got {p1} for {config.epochs} epochs")
-    return _Plan(int(config.epochs), False, 1, int(config.epochs), [config.tile_size], two_phase, p1)
-
-
-def _configure(model: KaryoModel, plan: _Plan, epoch: int, config: TrainConfig) -> list[dict[str, Any]]:
-    """Put the model in the state of ``epoch`` and return its optimizer param groups."""
-    wd = float(config.weight_decay)
-    if plan.progressive:
-        s = plan.stage(epoch)
-        model.set_stage(s)  # type: ignore[attr-defined]
-        groups = model.stage_param_groups(  # type: ignore[attr-defined]
-            s, lr_old=config.stage_lr_old, lr_new=config.stage_lr_new
-        )
-        # Parameters of levels not active yet take no part (they get no gradient).
-        return [dict(g, weight_decay=wd) for g in groups]
-    if plan.two_phase:
-        if plan.phase(epoch) == 1:
-            model.freeze_batchnorm(False)
-            model.set_encoder_trainable(False)
-            params = [p for p in model.non_encoder_parameters() if p.requires_grad]
-            return [{"params": params, "lr": float(config.lr), "weight_decay": wd, "name": "decoder"}]
-        model.set_encoder_trainable(True)
-        model.freeze_batchnorm(True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        lr = float(config.lr) * float(config.phase2_lr_factor)
-        return [{"params": params, "lr": lr, "weight_decay": wd, "name": "all_but_bn"}]
-    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": float(config.lr),
-             "weight_decay": wd, "name": "all"}]
-
-
-def _make_optimizer(name: str, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    name = name.lower()
-    if name == "adam":
-        return torch.optim.Adam(groups)
-    if name == "adamw":
-        return torch.optim.AdamW(groups)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(groups)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, nesterov=True)
-    raise ValueError(f"unknown optimizer {name!r}")
 
 
 def _resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -562,133 +272,200 @@ def _train(
     device: torch.device,
     t_start: float,
 ) -> TrainResult:
-    from torch.utils.data import DataLoader
+    run = _Run(config, train_samples, val_samples, progress, should_stop, last_path, best_path, device)
+    status = run.loop()
+    elapsed = time.perf_counter() - t_start
+    epochs_completed = len(run.history)
+    _emit(progress, {"event": "end", "status": status, "epochs_completed": epochs_completed,
+                     "best_epoch": run.best_epoch, "best_score": run.best_score, "elapsed_s": elapsed,
+                     "progress": 1.0 if status != "cancelled" else epochs_completed / max(run.plan.total_epochs, 1)})
+    return TrainResult(
+        status=status,
+        epochs_completed=epochs_completed,
+        best_epoch=run.best_epoch,
+        best_score=run.best_score,
+        best_metrics=run.best_metrics,
+        history=run.history,
+        best_path=str(best_path) if best_path.exists() else None,
+        last_path=str(last_path) if last_path.exists() else None,
+        config=config.to_dict(),
+        elapsed_s=elapsed,
+    )
 
-    from ml_worker.data import PatchDataset
 
-    # ------------------------------------------------------------------ model / resume
-    resume_state: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = []
-    if config.resume:
+def _build_model(config: TrainConfig) -> KaryoModel:
+    torch.manual_seed(int(config.seed))
+    kwargs = dict(config.model_kwargs)
+    if config.encoder_weights:
+        kwargs["encoder_weights"] = config.encoder_weights
+    try:
+        model = create_model(config.arch, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad model_kwargs for {config.arch!r}: {e}") from e
+    if config.init_weights:
+        _warm_start(model, config.init_weights, config.arch)
+    return model
+
+
+def _fit_preprocessing(config: TrainConfig, train_samples: Sequence[Sample]) -> Preprocessing:
+    stain = _fit_normalizer(config.stain_norm, train_samples)
+    if str(config.input_norm).lower() == "image":
+        return Preprocessing(stain)
+    return Preprocessing.fit([s.image for s in train_samples], stain)
+
+
+def _preprocessing_from_meta(meta: dict[str, Any]) -> Preprocessing:
+    if meta.get("preprocess"):
+        return Preprocessing.from_dict(meta["preprocess"])
+    stain = normalizer_from_dict(meta["stain"]) if meta.get("stain") else None
+    return Preprocessing(None if stain is None or stain.name == "none" else stain)
+
+
+class _Run:
+    """One call of :func:`train`: model, data, optimizer, schedule and bookkeeping; ``loop``
+    runs the remaining epochs and returns the status."""
+
+    def __init__(self, config: TrainConfig, train_samples: list[Sample], val_samples: list[Sample],
+                 progress: ProgressFn | None, should_stop: StopFn | None, last_path: Path, best_path: Path,
+                 device: torch.device) -> None:
+        self.config = config
+        self.train_samples = train_samples
+        self.val_samples = val_samples
+        self.progress = progress
+        self.should_stop = should_stop
+        self.last_path, self.best_path = last_path, best_path
+        self.device = device
+        self.history: list[dict[str, Any]] = []
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_metrics: dict[str, float] = {}
+        self.bad_epochs = 0
+        self.start_epoch = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.opt_key: str | None = None
+        self.ema: WeightEMA | None = None
+        resume_state = self._load_or_build()
+        self.plan = make_plan(config, self.model)
+        self.model.to(device)
+        if config.ema_decay:
+            self.ema = WeightEMA(self.model, float(config.ema_decay))
+        self._build_loader()
+        self.opt_name = (config.optimizer or ("rmsprop" if self.plan.progressive else "adam")).lower()
+        self.resumed_early_stop = False
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # ------------------------------------------------------------------ set-up
+    def _load_or_build(self) -> dict[str, Any] | None:
+        config = self.config
+        if not config.resume:
+            self.model = _build_model(config)
+            self.prep = _fit_preprocessing(config, self.train_samples)
+            return None
         model, meta = load_checkpoint(config.resume, map_location="cpu")
         if meta.get("arch") != config.arch:
-            raise ValueError(
-                f"cannot resume: {config.resume} is a {meta.get('arch')!r} run, config says {config.arch!r}"
-            )
+            raise ValueError(f"cannot resume: {config.resume} is a {meta.get('arch')!r} run, config says {config.arch!r}")
         resume_state = meta.get("train_state")
         if not isinstance(resume_state, dict):
             raise TrainingError(f"{config.resume} has no training state (resume from a last.pt)")
-        history = list(meta.get("history") or [])
-        normalizer = normalizer_from_dict(meta["stain"]) if meta.get("stain") else None
-        if normalizer is not None and normalizer.name == "none":
-            normalizer = None
-    else:
-        torch.manual_seed(int(config.seed))
-        kwargs = dict(config.model_kwargs)
-        if config.encoder_weights:
-            kwargs["encoder_weights"] = config.encoder_weights
-        try:
-            model = create_model(config.arch, **kwargs)
-        except TypeError as e:
-            raise ValueError(f"bad model_kwargs for {config.arch!r}: {e}") from e
-        if config.init_weights:
-            _warm_start(model, config.init_weights, config.arch)
-        normalizer = _fit_normalizer(config.stain_norm, train_samples)
-    stain_dict = normalizer.to_dict() if normalizer is not None else None
-    plan = _make_plan(config, model)
-    model.to(device)
+        self.model = model
+        self.history = list(meta.get("history") or [])
+        self.prep = _preprocessing_from_meta(meta)
+        return resume_state
 
-    # ------------------------------------------------------------------ data
-    tile = int(config.tile_size)
-    bs = int(config.batch_size)
-    dataset = PatchDataset(
-        train_samples,
-        tile_size=tile,
-        augment=config.augment,
-        normalizer=normalizer,
-        length=None,
-        seed=int(config.seed),
-        foreground_bias=float(config.foreground_bias),
-    )
-    n_patches = int(config.steps_per_epoch or len(dataset))
-    n_steps = max(1, math.ceil(n_patches / bs))
-    dataset.length = n_steps * bs  # whole batches only (BatchNorm needs > 1 sample)
-    loader_kwargs: dict[str, Any] = {"batch_size": bs, "shuffle": False, "drop_last": True,
-                                     "num_workers": int(config.num_workers)}
-    if config.num_workers:
-        loader_kwargs["persistent_workers"] = False
-    if device.type == "cuda":
-        loader_kwargs["pin_memory"] = True
-    loader = DataLoader(dataset, **loader_kwargs)
+    def _build_loader(self) -> None:
+        from torch.utils.data import DataLoader
 
-    # ------------------------------------------------------------------ state
-    start_epoch = 0
-    best_score: float | None = None
-    best_epoch: int | None = None
-    best_metrics: dict[str, float] = {}
-    bad_epochs = 0
-    optimizer: torch.optim.Optimizer | None = None
-    opt_key: str | None = None
-    opt_name = (config.optimizer or ("rmsprop" if plan.progressive else "adam")).lower()
-    if resume_state is not None:
-        start_epoch = int(resume_state["epoch"])
-        best_score = resume_state.get("best_score")
-        best_epoch = resume_state.get("best_epoch")
-        best_metrics = dict(resume_state.get("best_metrics") or {})
-        bad_epochs = int(resume_state.get("bad_epochs", 0))
-        if resume_state.get("rng") is not None:
-            torch.set_rng_state(resume_state["rng"])
-        if start_epoch < plan.total_epochs and resume_state.get("opt_key") == plan.key(start_epoch):
-            groups = _configure(model, plan, start_epoch, config)
-            optimizer = _make_optimizer(opt_name, groups)
-            optimizer.load_state_dict(resume_state["optimizer"])
-            opt_key = plan.key(start_epoch)
-        if resume_state.get("stopped") == "early_stopped":
-            start_epoch = plan.total_epochs  # nothing left to do
+        from ml_worker.data import PatchDataset
+
+        config = self.config
+        self.tile, self.bs = int(config.tile_size), int(config.batch_size)
+        self.dataset = PatchDataset(self.train_samples, tile_size=self.tile, augment=config.augment,
+                                    normalizer=self.prep, length=None, seed=int(config.seed),
+                                    foreground_bias=float(config.foreground_bias))
+        n_patches = int(config.steps_per_epoch or len(self.dataset))
+        self.n_steps = max(1, math.ceil(n_patches / self.bs))
+        self.dataset.length = self.n_steps * self.bs  # whole batches only (BatchNorm needs > 1 sample)
+        kw: dict[str, Any] = {"batch_size": self.bs, "shuffle": False, "drop_last": True,
+                              "num_workers": int(config.num_workers)}
+        if config.num_workers:
+            kw["persistent_workers"] = False
+        if self.device.type == "cuda":
+            kw["pin_memory"] = True
+        self.loader = DataLoader(self.dataset, **kw)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.start_epoch = int(state["epoch"])
+        self.best_score = state.get("best_score")
+        self.best_epoch = state.get("best_epoch")
+        self.best_metrics = dict(state.get("best_metrics") or {})
+        self.bad_epochs = int(state.get("bad_epochs", 0))
+        if state.get("rng") is not None:
+            torch.set_rng_state(state["rng"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        if self.start_epoch < self.plan.total_epochs and state.get("opt_key") == self.plan.key(self.start_epoch):
+            self.optimizer = make_optimizer(self.opt_name, configure(self.model, self.plan, self.start_epoch, self.config))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.opt_key = self.plan.key(self.start_epoch)
+        if state.get("stopped") == "early_stopped":
+            self.start_epoch = self.plan.total_epochs  # nothing left to do
+            self.resumed_early_stop = True
         # The resumed run may live in a new folder: bring its best.pt along.
-        src_best = Path(config.resume).with_name("best.pt")
-        if best_epoch is not None and not best_path.exists() and src_best.is_file():
-            shutil.copyfile(src_best, best_path)
+        src_best = Path(self.config.resume).with_name("best.pt")  # type: ignore[arg-type]
+        if self.best_epoch is not None and not self.best_path.exists() and src_best.is_file():
+            shutil.copyfile(src_best, self.best_path)
 
-    total_steps = plan.total_epochs * n_steps
-    patience = int(config.early_stopping_patience or 0)
-    has_val = bool(val_samples)
-    status = "completed"
-    _emit(progress, {
-        "event": "start", "arch": config.arch, "epochs": plan.total_epochs, "start_epoch": start_epoch,
-        "steps_per_epoch": n_steps, "batch_size": bs, "n_train": len(train_samples), "n_val": len(val_samples),
-        "parameters": model.num_parameters(), "device": str(device), "progressive": plan.progressive,
-        "two_phase": plan.two_phase, "progress": start_epoch / max(plan.total_epochs, 1),
-    })
+    def _extra(self) -> dict[str, Any]:
+        stain = self.prep.stain.to_dict() if self.prep.stain is not None else None
+        return {"config": self.config.to_dict(), "history": self.history, "stain": stain,
+                "preprocess": self.prep.to_dict()}
 
-    def base_extra() -> dict[str, Any]:
-        return {"config": config.to_dict(), "history": history, "stain": stain_dict}
+    # ------------------------------------------------------------------ the loop
+    def loop(self) -> str:
+        plan, config = self.plan, self.config
+        _emit(self.progress, {
+            "event": "start", "arch": config.arch, "epochs": plan.total_epochs, "start_epoch": self.start_epoch,
+            "steps_per_epoch": self.n_steps, "batch_size": self.bs, "n_train": len(self.train_samples),
+            "n_val": len(self.val_samples), "parameters": self.model.num_parameters(), "device": str(self.device),
+            "progressive": plan.progressive, "two_phase": plan.two_phase,
+            "progress": self.start_epoch / max(plan.total_epochs, 1),
+        })
+        status = "early_stopped" if self.resumed_early_stop else "completed"
+        for epoch in range(self.start_epoch, plan.total_epochs):
+            t_epoch = time.perf_counter()
+            parts = self._train_epoch(epoch)
+            if parts is None or (self.should_stop is not None and self.should_stop()):
+                return "cancelled"
+            if self._end_epoch(epoch, parts, time.perf_counter() - t_epoch):
+                return "early_stopped"
+        return status
 
-    epoch = start_epoch
-    for epoch in range(start_epoch, plan.total_epochs):
-        t_epoch = time.perf_counter()
+    def _train_epoch(self, epoch: int) -> dict[str, float] | None:
+        """One epoch of optimizer steps; the mean loss parts, or None when cancelled."""
+        plan, config, model = self.plan, self.config, self.model
         key = plan.key(epoch)
-        if key != opt_key or optimizer is None:
-            optimizer = _make_optimizer(opt_name, _configure(model, plan, epoch, config))
-            opt_key = key
+        if key != self.opt_key or self.optimizer is None:
+            self.optimizer = make_optimizer(self.opt_name, configure(model, plan, epoch, config))
+            self.opt_key = key
         else:
-            _configure_model_only(model, plan, epoch)
-        size = plan.size(epoch, tile)
-        stage = plan.stage(epoch)
-        dataset.set_epoch(epoch)
+            configure_model_only(model, plan, epoch)
+        optimizer = self.optimizer
+        size = plan.size(epoch, self.tile)
+        self.dataset.set_epoch(epoch)
         model.train()
         sums: dict[str, float] = {}
         n_done = 0
-        cancelled = False
-        for step, batch in enumerate(loader):
-            if should_stop is not None and should_stop():
-                cancelled = True
-                break
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if size != tile:
+        total_steps = plan.total_epochs * self.n_steps
+        for step, batch in enumerate(self.loader):
+            if self.should_stop is not None and self.should_stop():
+                return None
+            apply_lr(optimizer, lr_factor(config, plan, epoch, step, self.n_steps))
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if size != self.tile:
                 batch = _resample_batch(batch, size)
             outputs = model.forward_train(batch["image"])
-            loss, parts = model.compute_loss(outputs, batch, config.loss)
+            loss, loss_parts = model.compute_loss(outputs, batch, config.loss)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
                                     f"try a lower learning rate")
@@ -697,92 +474,89 @@ def _train(
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip))
             optimizer.step()
+            if self.ema is not None:
+                self.ema.update(model)
             n_done += 1
-            for k, v in parts.items():
+            for k, v in loss_parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            done = epoch * n_steps + step + 1
-            _emit(progress, {
+            _emit(self.progress, {
                 "event": "step", "epoch": epoch + 1, "epochs": plan.total_epochs, "step": step + 1,
-                "steps": n_steps, "loss": float(parts.get("loss", float(loss.detach()))),
-                "stage": stage, "progress": done / total_steps,
+                "steps": self.n_steps, "loss": float(loss_parts.get("loss", float(loss.detach()))),
+                "stage": plan.stage(epoch), "progress": (epoch * self.n_steps + step + 1) / total_steps,
             })
-        if cancelled or (should_stop is not None and should_stop()):
-            status = "cancelled"
-            break
-        train_parts = {k: v / max(n_done, 1) for k, v in sums.items()}
-        train_loss = train_parts.get("loss", float("nan"))
+        return {k: v / max(n_done, 1) for k, v in sums.items()}
 
-        # -------------------------------------------------------------- validation
-        final = plan.final(epoch)
-        is_last = epoch + 1 == plan.total_epochs
+    def _evaluated_state(self, epoch: int) -> dict[str, torch.Tensor] | None:
+        """The weights that are validated and exported: the EMA (when on) with precise-BN
+        statistics (when on); None = the model as it is."""
+        config, model = self.config, self.model
+        if self.ema is None and not config.bn_recalibrate:
+            return None
+        with swapped_state(model, self.ema.state if self.ema is not None else None):
+            if config.bn_recalibrate:
+                recalibrate_batchnorm(model, self.train_samples, self.plan.size(epoch, self.tile),
+                                      normalizer=self.prep, n_patches=int(config.bn_recalibrate_patches),
+                                      batch_size=self.bs, seed=int(config.seed) + epoch, device=self.device)
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def _end_epoch(self, epoch: int, train_parts: dict[str, float], seconds: float) -> bool:
+        """Validate, record, checkpoint; True when training should stop early."""
+        plan, config, model = self.plan, self.config, self.model
+        assert self.optimizer is not None
+        size = plan.size(epoch, self.tile)
+        final, is_last = plan.final(epoch), epoch + 1 == plan.total_epochs
+        has_val = bool(self.val_samples)
+        evaluated: dict[str, torch.Tensor] | None = None
         val: dict[str, float] = {}
         if has_val and ((epoch + 1) % int(config.val_every) == 0 or is_last):
-            val, _ = evaluate_samples(
-                model, val_samples, tile_size=tile, batch_size=bs, device=device, normalizer=normalizer,
-                scale=size / tile,
-            )
+            evaluated = self._evaluated_state(epoch)
+            with swapped_state(model, evaluated):
+                val, _ = evaluate_samples(model, self.val_samples, tile_size=self.tile, batch_size=self.bs,
+                                          device=self.device, normalizer=self.prep, scale=size / self.tile)
+        train_loss = train_parts.get("loss", float("nan"))
         record = {
             "epoch": epoch + 1, "train_loss": train_loss, "train_parts": train_parts, "val": val,
-            "stage": stage, "phase": plan.phase(epoch), "input_size": size,
-            "lr": [float(g["lr"]) for g in optimizer.param_groups], "time_s": time.perf_counter() - t_epoch,
+            "stage": plan.stage(epoch), "phase": plan.phase(epoch), "input_size": size,
+            "lr": [float(g["lr"]) for g in self.optimizer.param_groups], "time_s": seconds,
         }
-        history.append(record)
-
+        self.history.append(record)
         improved = False
         if final:
             if has_val and val:
                 score = float(val["dice"])
-                if best_score is None or score > best_score:
-                    best_score, best_epoch, best_metrics, improved = score, epoch + 1, val, True
-                    bad_epochs = 0
+                if self.best_score is None or score > self.best_score:
+                    self.best_score, self.best_epoch, self.best_metrics, improved = score, epoch + 1, val, True
+                    self.bad_epochs = 0
                 else:
-                    bad_epochs += 1
+                    self.bad_epochs += 1
             elif not has_val:
-                best_epoch, best_metrics, improved = epoch + 1, {}, True
-        stop_early = bool(final and has_val and patience and bad_epochs >= patience and not is_last)
-
+                self.best_epoch, self.best_metrics, improved = epoch + 1, {}, True
+        patience = int(config.early_stopping_patience or 0)
+        stop_early = bool(final and has_val and patience and self.bad_epochs >= patience and not is_last)
         stage_now = getattr(model, "stage", None)
         if improved:
-            # best.pt is the full model: for PGU-net+ this is only reached at the last stage.
-            save_checkpoint(best_path, model, **base_extra(), metrics=best_metrics, epoch=epoch + 1,
-                            stage=stage_now)
+            # best.pt is the full model (PGU-net+: only at the last stage), as validated.
+            if evaluated is None:
+                evaluated = self._evaluated_state(epoch)
+            with swapped_state(model, evaluated):
+                save_checkpoint(self.best_path, model, **self._extra(), metrics=self.best_metrics,
+                                epoch=epoch + 1, stage=stage_now)
         train_state = {
-            "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "opt_key": opt_key,
-            "rng": torch.get_rng_state(), "best_score": best_score, "best_epoch": best_epoch,
-            "best_metrics": best_metrics, "bad_epochs": bad_epochs,
+            "epoch": epoch + 1, "optimizer": self.optimizer.state_dict(), "opt_key": self.opt_key,
+            "rng": torch.get_rng_state(), "best_score": self.best_score, "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics, "bad_epochs": self.bad_epochs,
             "stopped": "early_stopped" if stop_early else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
-        save_checkpoint(last_path, model, **base_extra(), metrics=val, epoch=epoch + 1, stage=stage_now,
+        save_checkpoint(self.last_path, model, **self._extra(), metrics=val, epoch=epoch + 1, stage=stage_now,
                         train_state=train_state)
-        _emit(progress, {
+        _emit(self.progress, {
             "event": "epoch", "epoch": epoch + 1, "epochs": plan.total_epochs, "train_loss": train_loss,
-            "train_parts": train_parts, "val": val, "stage": stage, "phase": plan.phase(epoch),
-            "input_size": size, "best_epoch": best_epoch, "best_score": best_score, "improved": improved,
-            "time_s": record["time_s"], "progress": (epoch + 1) / plan.total_epochs,
+            "train_parts": train_parts, "val": val, "stage": plan.stage(epoch), "phase": plan.phase(epoch),
+            "input_size": size, "best_epoch": self.best_epoch, "best_score": self.best_score, "improved": improved,
+            "time_s": seconds, "progress": (epoch + 1) / plan.total_epochs,
         })
-        if stop_early:
-            status = "early_stopped"
-            break
-
-    if resume_state is not None and resume_state.get("stopped") == "early_stopped":
-        status = "early_stopped"
-    epochs_completed = len(history)
-    elapsed = time.perf_counter() - t_start
-    _emit(progress, {"event": "end", "status": status, "epochs_completed": epochs_completed,
-                     "best_epoch": best_epoch, "best_score": best_score, "elapsed_s": elapsed,
-                     "progress": 1.0 if status != "cancelled" else epochs_completed / max(plan.total_epochs, 1)})
-    return TrainResult(
-        status=status,
-        epochs_completed=epochs_completed,
-        best_epoch=best_epoch,
-        best_score=best_score,
-        best_metrics=best_metrics,
-        history=history,
-        best_path=str(best_path) if best_path.exists() else None,
-        last_path=str(last_path) if last_path.exists() else None,
-        config=config.to_dict(),
-        elapsed_s=elapsed,
-    )
+        return stop_early
 
 
 def _warm_start(model: KaryoModel, path: str, arch: str) -> None:
@@ -799,12 +573,6 @@ def _warm_start(model: KaryoModel, path: str, arch: str) -> None:
         log.warning("warm start from %s: %d of %d tensors did not fit and keep their initialisation",
                     path, skipped, len(own))
     model.load_state_dict(fitting, strict=False)
-
-
-def _configure_model_only(model: KaryoModel, plan: _Plan, epoch: int) -> None:
-    """Model state of ``epoch`` when the optimizer is reused (same key)."""
-    if plan.progressive:
-        model.set_stage(plan.stage(epoch))  # type: ignore[attr-defined]
 
 
 def _resample_batch(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
@@ -834,7 +602,9 @@ def load_for_inference(
 
     Returns:
         ``(model, normalizer, meta)``: the full model in eval mode (PGU-net+ at its last
-        stage), the fitted stain normaliser (None when training used none) and the
+        stage), the run's :class:`~ml_worker.data.Preprocessing` (stain normaliser + input
+        statistics; for checkpoints written before it existed, the stain normaliser or None)
+        and the
         checkpoint metadata (``config``, ``history``, ``metrics``, ...). Pass
         ``meta["config"]["tile_size"]`` as the inference tile size.
 
@@ -845,10 +615,12 @@ def load_for_inference(
     model, meta = load_checkpoint(checkpoint_path, map_location=map_location)
     if callable(getattr(model, "set_stage", None)) and hasattr(model, "num_stages"):
         model.set_stage(int(model.num_stages))  # type: ignore[attr-defined]
-    normalizer: StainNormalizer | None = None
-    if meta.get("stain"):
-        normalizer = normalizer_from_dict(meta["stain"])
-        if normalizer.name == "none":
+    normalizer: Preprocessing | StainNormalizer | None
+    if meta.get("preprocess"):
+        normalizer = Preprocessing.from_dict(meta["preprocess"])
+    else:  # written before the input statistics were stored: stain only, per-image z-score
+        normalizer = normalizer_from_dict(meta["stain"]) if meta.get("stain") else None
+        if normalizer is not None and normalizer.name == "none":
             normalizer = None
     model.eval()
     return model, normalizer, meta
