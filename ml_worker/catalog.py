@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_ARCHITECTURE",
     "DEFAULT_STRATEGY",
     "LOSSES",
+    "MC_DROPOUT_SAMPLES",
     "OPTIMIZERS",
     "SCORES",
     "STAIN_NORMALIZERS",
@@ -44,6 +45,7 @@ __all__ = [
     "Option",
     "Score",
     "Strategy",
+    "analysis_kwargs",
     "architecture",
     "architecture_names",
     "as_dict",
@@ -539,7 +541,7 @@ SCORES: tuple[Score, ...] = (
     Score("entropy", "mean pixel entropy of the predicted class distribution, 0..1"),
     Score("margin", "mean 1 - (top probability - second probability), 0..1"),
     Score("boundary", "mean entropy in a band around the predicted nucleus contours, where corrections happen"),
-    Score("mc_dropout", "variance of the nucleus probability over 8 passes with dropout on the bottleneck",
+    Score("mc_dropout", "variance of the nucleus probability over repeated passes with dropout on the bottleneck",
           ("mc_dropout",)),
     Score("mc_mutual_info", "BALD mutual information of the nucleus probability over the dropout passes",
           ("mc_dropout",)),
@@ -646,6 +648,17 @@ def strategy(name: str | None) -> Strategy:
 def score_key(strategy_name: str) -> str:
     """The score a strategy ranks by (and the queue stores)."""
     return strategy(strategy_name).score_key
+
+
+#: dropout passes per tile when a strategy needs the ``mc_dropout`` scores
+MC_DROPOUT_SAMPLES = 8
+
+
+def analysis_kwargs(strategy_name: str) -> dict[str, Any]:
+    """Keyword arguments of ``ml_worker.active_learning.analyze_tile`` that compute the scores
+    the strategy ranks by (the cheap scores need none)."""
+    needs = strategy(strategy_name).needs
+    return {"mc_samples": MC_DROPOUT_SAMPLES if "mc_dropout" in needs else 0, "tta": "tta" in needs}
 
 
 # ============================================================================ validation

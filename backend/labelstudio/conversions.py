@@ -1,45 +1,29 @@
 """Karyo <-> Label Studio formats: the labeling config, prediction results, annotation results.
 
-No database access here: callers pass the project's nucleus classes and the arrays.
+No database access here: callers pass the project's nucleus classes and the arrays. The
+geometry (polygons, percent coordinates, region ids, the config XML) is the one codec in
+:mod:`backend.common.geometry`; this module holds the sync's choices on top of it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
-from xml.sax.saxutils import quoteattr
 
 import numpy as np
 from scipy import ndimage
 
-from . import geometry
+from ml_worker import catalog
 
-IMAGE = "image"
-POLYGONS = "nuclei"
-BRUSH = "touchup"
-BACKGROUND = "background"
+from backend.common import geometry
+from backend.common.geometry import BACKGROUND, BRUSH, POLYGONS
 
 
 def labeling_config(nucleus_classes: list[dict]) -> str:
     """The image, one polygon label per nucleus class (one polygon per nucleus: instance-aware
     and light for the browser) and an optional brush layer for touch-ups: a brush stroke with a
-    class adds its pixels, ``background`` erases."""
-    labels = "\n".join(
-        f"    <Label value={quoteattr(c['name'])} background={quoteattr(c['color'])}/>" for c in nucleus_classes
-    )
-    return (
-        "<View>\n"
-        f'  <Image name="{IMAGE}" value="${IMAGE}" zoom="true" zoomControl="true" rotateControl="false"'
-        ' crossOrigin="anonymous"/>\n'
-        f'  <PolygonLabels name="{POLYGONS}" toName="{IMAGE}" strokeWidth="1" pointSize="small" opacity="0.25">\n'
-        f"{labels}\n"
-        "  </PolygonLabels>\n"
-        f'  <BrushLabels name="{BRUSH}" toName="{IMAGE}">\n'
-        f"{labels}\n"
-        f'    <Label value="{BACKGROUND}" background="#000000"/>\n'
-        "  </BrushLabels>\n"
-        "</View>\n"
-    )
+    class adds its pixels, ``background`` erases. Label Studio reads the tiles from Karyo's origin."""
+    return geometry.labeling_config([(c["name"], c["color"]) for c in nucleus_classes], brush=True, cross_origin=True)
 
 
 def config_sha(config: str) -> str:
@@ -53,24 +37,13 @@ def result_digest(result: list) -> str:
 # --- out: instance mask -> polygons -----------------------------------------------------------
 
 def prediction_result(instances: np.ndarray, *, classes: dict[str, int] | None, nucleus_classes: list[dict]) -> list[dict]:
-    """One ``polygonlabels`` region per nucleus (per part, for the rare split nucleus)."""
-    height, width = instances.shape
+    """One ``polygonlabels`` region per nucleus (per piece, for the rare split nucleus), simplified
+    yet rasterising back to the exact pixels."""
     names = {c["id"]: c["name"] for c in nucleus_classes}
     default = nucleus_classes[0]["name"]
-    result = []
-    for region in geometry.mask_to_regions(instances):
-        class_id = (classes or {}).get(str(region.label))
-        result.append({
-            "id": geometry.region_id(region),
-            "type": "polygonlabels",
-            "from_name": POLYGONS,
-            "to_name": IMAGE,
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "value": {"points": region.percent, "closed": True, "polygonlabels": [names.get(class_id, default)]},
-        })
-    return result
+    return geometry.polygon_results(
+        instances, class_of=lambda label: names.get((classes or {}).get(str(label)), default), simplify="exact"
+    )
 
 
 # --- in: annotation result -> instance mask ---------------------------------------------------
@@ -89,7 +62,8 @@ def annotation_to_instances(result: list[dict], *, height: int, width: int, nucl
     then apply the brush layer: a stroke with a class adds its pixels to the nucleus it touches
     most (or becomes a new nucleus), ``background`` strokes erase.
 
-    Polygons Karyo sent (region id ``n<label>``) keep their instance id; new ones get new ids.
+    Polygons Karyo sent (region id ``k<label>p<piece>``, or ``n<label>`` from before) keep their
+    instance id; new ones get new ids.
     """
     by_name = {c["name"]: c["id"] for c in nucleus_classes}
     default_class = nucleus_classes[0]["id"]
@@ -107,7 +81,7 @@ def annotation_to_instances(result: list[dict], *, height: int, width: int, nucl
         if len(points) < 3:
             ignored += 1
             continue
-        label = geometry.label_from_region_id(region.get("id", ""))  # n5 and n5p1: parts of nucleus 5
+        label = geometry.label_from_region_id(region.get("id", ""))  # k5p1 and k5p2: pieces of nucleus 5
         if label is None:
             label, next_id = next_id, next_id + 1
         mask = geometry.rasterize_polygon(geometry.from_percent(points, width, height), height, width)
@@ -167,8 +141,10 @@ def scores_from_uncertainty(uncertainty: dict[int, float]) -> dict[int, float]:
 
 
 def uncertainty_value(uncertainty: dict, strategy: str) -> float:
-    """The prediction's uncertainty under the project's strategy, else the mean of what it has."""
-    if isinstance(uncertainty.get(strategy), (int, float)):
-        return float(uncertainty[strategy])
+    """The prediction's score that the project's strategy ranks by (the catalog's score key, e.g.
+    ``entropy`` for ``hybrid``), else the mean of the scores it has."""
+    key = catalog.score_key(strategy) if strategy in catalog.strategy_names() else strategy
+    if isinstance(uncertainty.get(key), (int, float)):
+        return float(uncertainty[key])
     values = [float(v) for v in uncertainty.values() if isinstance(v, (int, float))]
     return sum(values) / len(values) if values else 0.0

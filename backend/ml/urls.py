@@ -14,4 +14,5 @@ urlpatterns = [
     path("projects/<int:project_id>/queue/release/", api.QueueReleaseView.as_view(), name="queue-release"),
     path("projects/<int:project_id>/rank/", api.RankView.as_view(), name="queue-rank"),
     path("projects/<int:project_id>/events/", api.EventListView.as_view(), name="event-list"),
+    path("catalog/", api.CatalogView.as_view(), name="catalog"),
 ]

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
+
+from ml_worker import catalog
 
 
 def default_nucleus_classes() -> list[dict]:
@@ -28,6 +32,33 @@ def validate_nucleus_classes(value: object) -> None:
         seen_names.add(item["name"])
 
 
+def engine_setting_errors(**fields: Any) -> dict[str, str]:
+    """``{field: message}`` for the given project fields that the engine catalog refuses
+    (``default_architecture``, ``al_strategy``, ``stain_normalization``, ``training_defaults``);
+    each message names the valid values. Training defaults are checked against the default
+    architecture when it is given and valid."""
+    checks = {
+        "default_architecture": catalog.validate_architecture,
+        "al_strategy": catalog.validate_strategy,
+        "stain_normalization": catalog.validate_stain_normalizer,
+    }
+    errors: dict[str, str] = {}
+    for name, check in checks.items():
+        if name in fields:
+            try:
+                check(fields[name], field=name)
+            except catalog.CatalogError as exc:
+                errors[name] = str(exc)
+    if "training_defaults" in fields:
+        arch = fields.get("default_architecture")
+        arch = arch if arch in catalog.architecture_names() else None
+        try:
+            catalog.validate_training_options(fields["training_defaults"], architecture=arch)
+        except catalog.CatalogError as exc:
+            errors["training_defaults"] = str(exc)
+    return errors
+
+
 class Role(models.TextChoices):
     VIEWER = "viewer", "Viewer"
     ANNOTATOR = "annotator", "Annotator"
@@ -38,10 +69,10 @@ class Role(models.TextChoices):
 ROLE_RANK = {Role.VIEWER: 0, Role.ANNOTATOR: 1, Role.REVIEWER: 2, Role.ADMIN: 3}
 
 
-class StainNormalization(models.TextChoices):
-    NONE = "none", "None"
-    MACENKO = "macenko", "Macenko"
-    REINHARD = "reinhard", "Reinhard"
+# The engine catalog's normalisers (a new one there needs a migration here: the choices are stored in it).
+StainNormalization = models.TextChoices(
+    "StainNormalization", [(choice.name.upper(), (choice.name, choice.label)) for choice in catalog.STAIN_NORMALIZERS]
+)
 
 
 class Project(models.Model):
@@ -54,8 +85,8 @@ class Project(models.Model):
     auto_retrain_threshold = models.PositiveIntegerField(
         default=20, help_text="Newly accepted annotations that start a training run by themselves (0 = off)."
     )
-    default_architecture = models.CharField(max_length=32, default="dssnet")
-    al_strategy = models.CharField(max_length=32, default="hybrid")
+    default_architecture = models.CharField(max_length=32, default=catalog.DEFAULT_ARCHITECTURE)
+    al_strategy = models.CharField(max_length=32, default=catalog.DEFAULT_STRATEGY)
     require_review = models.BooleanField(
         default=False, help_text="Train only on reviewed annotations (otherwise submitted ones count too)."
     )
@@ -100,6 +131,12 @@ class Project(models.Model):
             raise ValidationError({"working_mpp": "working resolution must be between 0.05 and 20 microns per pixel"})
         if not 0 <= self.min_tissue_fraction <= 1:
             raise ValidationError({"min_tissue_fraction": "minimum tissue fraction must be between 0 and 1"})
+        errors = engine_setting_errors(
+            default_architecture=self.default_architecture, al_strategy=self.al_strategy,
+            stain_normalization=self.stain_normalization, training_defaults=self.training_defaults,
+        )
+        if errors:
+            raise ValidationError(errors)
 
 
 class Membership(models.Model):

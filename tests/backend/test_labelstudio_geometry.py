@@ -7,7 +7,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from backend.labelstudio import conversions, geometry
+from backend.common import geometry
+from backend.labelstudio import conversions
 
 CLASSES = [{"id": 1, "name": "nucleus", "color": "#e6194b"}, {"id": 2, "name": "mitosis & <odd>", "color": "#3cb44b"}]
 
@@ -54,7 +55,7 @@ def test_a_nucleus_inside_another_ones_hole_is_painted_after_it():
     ring[5:35, 5:35] = 1
     ring[12:28, 12:28] = 2
     result = conversions.prediction_result(ring, classes=None, nucleus_classes=CLASSES)
-    assert [r["id"] for r in result] == ["n1", "n2"]
+    assert [r["id"] for r in result] == ["k1p1", "k2p1"]
     assert np.array_equal(paint(result, 40, 40), ring)
 
 
@@ -111,5 +112,10 @@ def test_the_most_uncertain_tile_gets_the_lowest_score():
     assert scores[10] == 0.0 and scores[11] == 1.0
     ranked = conversions.scores_from_ranks([12, 10, 11])
     assert sorted(ranked, key=ranked.get) == [12, 10, 11]
-    assert conversions.uncertainty_value({"entropy": 0.3, "hybrid": 0.7}, "hybrid") == 0.7
-    assert conversions.uncertainty_value({"entropy": 0.2, "margin": 0.4}, "hybrid") == 0.30000000000000004
+    # each strategy's own score key (ml_worker.catalog); the mean only when the prediction lacks it
+    scores = {"entropy": 0.3, "margin": 0.7, "boundary": 0.5}
+    assert conversions.uncertainty_value(scores, "hybrid") == 0.3
+    assert conversions.uncertainty_value(scores, "hybrid_rep") == 0.3
+    assert conversions.uncertainty_value(scores, "hybrid_boundary") == 0.5
+    assert conversions.uncertainty_value(scores, "margin") == 0.7
+    assert conversions.uncertainty_value({"entropy": 0.2, "margin": 0.4}, "mc_dropout") == 0.30000000000000004

@@ -223,6 +223,12 @@ def test_every_catalog_score_is_what_the_analysis_computes():
     full = analyze_tile(model, tile, tile_size=32, device="cpu", mc_samples=2, tta=True)
     assert set(cheap.scores) == {s.name for s in catalog.SCORES if not s.needs}
     assert set(full.scores) == {s.name for s in catalog.SCORES}
+    for name in catalog.strategy_names():  # what the platform computes for a strategy has its score
+        kwargs = catalog.analysis_kwargs(name)
+        assert kwargs["mc_samples"] in (0, catalog.MC_DROPOUT_SAMPLES)
+        kwargs["mc_samples"] = min(kwargs["mc_samples"], 2)  # fewer passes, same scores
+        scores = analyze_tile(model, tile, tile_size=32, device="cpu", **kwargs).scores
+        assert catalog.score_key(name) in scores, name
 
 
 def test_unknown_strategies_and_stain_normalizers_name_the_valid_ones():
