@@ -29,21 +29,20 @@ comparisons are printed, labelled. Every figure printed is measured in that run.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from ml_worker.bench_budgets import BUDGETS, PEER, Budget
+from ml_worker.bench_measure import mean_metrics, count_gflops, measure_throughput, otsu_watershed
+from ml_worker.bench_report import json_safe, format_table, plot
 from ml_worker.data import DataError, Sample, load_folder, split_by_image
 from ml_worker.models import MODELS, KaryoModel, create_model, register
 
@@ -51,9 +50,7 @@ __all__ = ["Budget", "BUDGETS", "MonaiUNet", "run_bench", "otsu_watershed", "cou
            "measure_throughput", "format_table", "main"]
 
 KARYO_ARCHS = ("unet", "pgunet_plus", "unet_sharp", "dssnet", "hspnet", "multihead_unet")
-PEER = "monai_unet"
 BASELINE = "otsu_watershed"
-METRIC_KEYS = ("dice", "aji", "pq", "dsb_map")
 
 
 # ============================================================================ MONAI adapter
@@ -120,259 +117,6 @@ class MonaiUNet(KaryoModel):
 
 if PEER not in MODELS:  # `python -m ml_worker.bench` and `import ml_worker.bench` both run this file
     register(PEER)(MonaiUNet)
-
-
-# ============================================================================ budgets
-@dataclass(frozen=True)
-class Budget:
-    """Everything a benchmark run depends on (printed and stored in the JSON)."""
-
-    name: str
-    description: str
-    tile_size: int  # training patch side
-    batch_size: int
-    epochs: int
-    patches_per_epoch: int
-    lr: float
-    augment: str
-    model_kwargs: dict[str, dict[str, Any]]
-    epochs_per_stage: int | None  # PGU-net+ (its run lasts num_stages * epochs_per_stage epochs)
-    stage_lr_new: float
-    stage_lr_old: float
-    test_fraction: float
-    val_fraction: float  # of the training images, for early stopping (0 = none; best = last)
-    patience: int
-    eval_tile: int
-    throughput_sizes: tuple[int, int]
-    throughput_batches: tuple[int, int]  # batch size at each throughput size
-    throughput_max_iters: int  # timed batches: until min_time is reached or max_iters done
-    throughput_min_time_s: float
-    warmup_batch: int
-    warmup_iters: int
-    reference_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    split_seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = json.loads(json.dumps(dataclasses.asdict(self)))
-        d["summary"] = self.summary()
-        return d
-
-    def summary(self) -> str:
-        """One line describing the training schedule, built from the fields."""
-        steps = math.ceil(self.patches_per_epoch / self.batch_size)
-        pg = self.model_kwargs.get("pgunet_plus", {})
-        n_st = int(pg.get("num_stages", 4))
-        text = (
-            f"{self.epochs} epochs x {steps * self.batch_size} patches of {self.tile_size}px "
-            f"({self.epochs * steps} steps of batch {self.batch_size}), Adam lr {self.lr:g}, augmentation "
-            f"'{self.augment}'; PGU-net+: RMSprop, {n_st} stages x {self.epochs_per_stage} epoch(s), "
-            f"lr new/old {self.stage_lr_new:g}/{self.stage_lr_old:g}; "
-        )
-        text += (f"validation {self.val_fraction:g} of the training images, early stopping patience {self.patience}"
-                 if self.val_fraction > 0 else "no validation (last epoch evaluated)")
-        return text + f"; test {self.test_fraction:g} of the images"
-
-
-_REFERENCE = {"unet": {"width": 64}, "dssnet": {}}
-
-BUDGETS: dict[str, Budget] = {
-    "quick": Budget(
-        name="quick",
-        description=(
-            "small models (U-Nets width 8, reduced encoders / DSSNet / MONAI UNet) and a short "
-            "training run; PGU-net+ learning rates are 10x the paper's because of the short run; "
-            "no validation split (the last epoch is evaluated); 512px throughput at batch 2 to fit "
-            "the time budget"
-        ),
-        tile_size=128,
-        batch_size=4,
-        epochs=3,
-        patches_per_epoch=32,
-        lr=2e-3,
-        augment="default",
-        model_kwargs={
-            "unet": {"width": 8, "depth": 4},
-            "pgunet_plus": {"width": 8, "num_stages": 3, "core_depth": 2},
-            "unet_sharp": {"base_channels": 8, "layers": [1, 1, 1, 1], "cardinality": 4, "width_per_group": 4,
-                           "stem_channels": 8, "branch_channels": 8, "decoder_channels": 16, "aspp_channels": 16},
-            "dssnet": {"width": 16, "feature_channels": 32, "expand_channels": 48, "num_blocks": 4,
-                       "decoder_channels": 16, "sr_channels": 16, "sr_blocks": 1},
-            "hspnet": {"depth": 18, "base_channels": 16, "layers": [1, 1, 1, 1], "ds_channels": 32,
-                       "head_channels": 16},
-            "multihead_unet": {"width": 8, "depth": 4},
-            PEER: {"channels": [8, 16, 32, 64, 128], "strides": [2, 2, 2, 2], "num_res_units": 2},
-        },
-        epochs_per_stage=1,
-        stage_lr_new=1e-3,
-        stage_lr_old=1e-5,
-        test_fraction=0.2,
-        val_fraction=0.0,
-        patience=0,
-        eval_tile=256,
-        throughput_sizes=(256, 512),
-        throughput_batches=(8, 2),
-        throughput_max_iters=2,
-        throughput_min_time_s=0.5,
-        warmup_batch=1,
-        warmup_iters=1,
-        reference_kwargs=_REFERENCE,
-    ),
-    "full": Budget(
-        name="full",
-        description=(
-            "reference configurations (U-Net width 64, paper-sized models, MONAI UNet channels "
-            "16..256), long training with a validation split and early stopping; for a GPU or a "
-            "long run"
-        ),
-        tile_size=256,
-        batch_size=8,
-        epochs=100,
-        patches_per_epoch=256,
-        lr=1e-3,
-        augment="default",
-        model_kwargs={
-            "unet": {"width": 64},
-            "pgunet_plus": {"width": 64},
-            "unet_sharp": {},
-            "dssnet": {},
-            "hspnet": {},
-            "multihead_unet": {},
-            PEER: {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2},
-        },
-        epochs_per_stage=25,
-        stage_lr_new=1e-4,
-        stage_lr_old=1e-6,
-        test_fraction=0.2,
-        val_fraction=0.2,
-        patience=15,
-        eval_tile=256,
-        throughput_sizes=(256, 512),
-        throughput_batches=(8, 8),
-        throughput_max_iters=10,
-        throughput_min_time_s=5.0,
-        warmup_batch=8,
-        warmup_iters=2,
-        reference_kwargs=_REFERENCE,
-    ),
-    "smoke": Budget(
-        name="smoke",
-        description="tests only: tiny models, throughput at 64/128px",
-        tile_size=64,
-        batch_size=2,
-        epochs=1,
-        patches_per_epoch=4,
-        lr=1e-3,
-        augment="light",
-        model_kwargs={
-            "unet": {"width": 4, "depth": 2},
-            "pgunet_plus": {"width": 4, "num_stages": 2, "core_depth": 1},
-            "unet_sharp": {"base_channels": 8, "layers": [1, 1, 1, 1], "cardinality": 4, "width_per_group": 2,
-                           "stem_channels": 4, "branch_channels": 4, "decoder_channels": 8, "aspp_channels": 8},
-            "dssnet": {"width": 8, "feature_channels": 8, "expand_channels": 8, "num_blocks": 1,
-                       "decoder_channels": 8, "sr_channels": 8, "sr_blocks": 1},
-            "hspnet": {"depth": 18, "base_channels": 8, "layers": [1, 1, 1, 1], "ds_channels": 8, "head_channels": 8},
-            "multihead_unet": {"width": 4, "depth": 2},
-            PEER: {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
-        },
-        epochs_per_stage=1,
-        stage_lr_new=1e-3,
-        stage_lr_old=1e-5,
-        test_fraction=0.34,
-        val_fraction=0.0,
-        patience=0,
-        eval_tile=64,
-        throughput_sizes=(64, 128),
-        throughput_batches=(2, 2),
-        throughput_max_iters=1,
-        throughput_min_time_s=0.0,
-        warmup_batch=1,
-        warmup_iters=1,
-        reference_kwargs={"unet": {"width": 64, "depth": 2}, "dssnet": {}},
-    ),
-}
-
-
-# ============================================================================ measurements
-def count_gflops(model: torch.nn.Module, size: int = 256) -> float:
-    """GFLOPs of one forward pass on a (1, 3, size, size) tile (FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model.eval()
-    x = torch.randn(1, 3, size, size)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 1e9
-
-
-def measure_throughput(
-    model: torch.nn.Module,
-    size: int,
-    batch: int = 8,
-    max_iters: int = 1,
-    min_time_s: float = 0.0,
-    warmup_batch: int = 1,
-    warmup_iters: int = 1,
-) -> float:
-    """CPU tiles/s of ``model`` on (batch, 3, size, size) inputs under ``inference_mode``.
-
-    ``warmup_iters`` untimed passes of ``warmup_batch`` tiles (allocator, oneDNN kernels),
-    then timed passes of ``batch`` tiles until ``min_time_s`` has elapsed or ``max_iters``
-    passes are done (at least one). Returns ``batch`` / the fastest pass (like ``timeit``:
-    other processes on a shared CPU can only make a pass slower).
-    """
-    model.eval()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=gen)
-    best = math.inf
-    with torch.inference_mode():
-        for _ in range(warmup_iters):
-            model(x[:warmup_batch])
-        n, t_start = 0, time.perf_counter()
-        while True:
-            t0 = time.perf_counter()
-            model(x)
-            best = min(best, time.perf_counter() - t0)
-            n += 1
-            if n >= max_iters or time.perf_counter() - t_start >= min_time_s:
-                break
-    return batch / best
-
-
-def otsu_watershed(image: np.ndarray, min_size: int = 16) -> np.ndarray:
-    """Classical baseline, no training: Otsu on the hematoxylin channel (grey when the
-    image has no stain contrast) + distance-transform watershed split.
-
-    Returns:
-        (H, W) int32 instances.
-    """
-    from scipy import ndimage as ndi
-    from skimage.color import rgb2hed
-    from skimage.filters import gaussian, threshold_otsu
-
-    from ml_worker.instances import fill_small_holes, remove_small_instances, split_touching
-
-    img = np.asarray(image)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    hema = rgb2hed(img)[..., 0]
-    if float(hema.std()) < 1e-6:  # no stain signal: dark = nucleus on the grey image
-        hema = 1.0 - img.astype(np.float32).mean(axis=2) / 255.0
-    hema = gaussian(hema, sigma=1.0)
-    if float(hema.max() - hema.min()) < 1e-9:
-        return np.zeros(img.shape[:2], np.int32)
-    mask = hema > threshold_otsu(hema)
-    mask = ndi.binary_opening(mask, structure=np.ones((3, 3), bool))
-    mask = fill_small_holes(mask, 4 * min_size)
-    inst = split_touching(mask)
-    return np.asarray(remove_small_instances(inst, min_size), dtype=np.int32)
-
-
-def _mean_metrics(pairs: list[tuple[str, np.ndarray, np.ndarray]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    from ml_worker.metrics import all_metrics
-
-    per = [{"name": n, **all_metrics(p, t)} for n, p, t in pairs]
-    keys = [k for k in per[0] if k != "name"]
-    return {k: float(np.mean([r[k] for r in per])) for k in keys}, per
 
 
 # ============================================================================ run
@@ -495,7 +239,7 @@ def run_bench(
                                             overlap=budget.eval_tile // 8, batch_size=budget.throughput_batches[0],
                                             normalizer=normalizer)
                 pairs.append((s.name, inst, s.instances))
-            mean, per = _mean_metrics(pairs)
+            mean, per = mean_metrics(pairs)
             t_eval = time.perf_counter() - t_eval0
             trained_models[arch] = model.to("cpu")
             row = {
@@ -519,7 +263,7 @@ def run_bench(
 
         # classical baseline
         t_b = time.perf_counter()
-        mean, per = _mean_metrics([(s.name, otsu_watershed(s.image), s.instances) for s in test_s])
+        mean, per = mean_metrics([(s.name, otsu_watershed(s.image), s.instances) for s in test_s])
         rows.append({"name": BASELINE, "kind": "baseline", "trained": False, "params": 0, "gflops_256": None,
                      f"tiles_per_s_{budget.throughput_sizes[0]}": None,
                      f"tiles_per_s_{budget.throughput_sizes[1]}": None, "metrics": mean, "per_image": per,
@@ -615,154 +359,6 @@ def _comparisons(rows: list[dict[str, Any]], refs: list[dict[str, Any]], budget:
     return out
 
 
-# ============================================================================ output
-def _fmt(v: Any, spec: str) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "nan"
-    return format(v, spec)
-
-
-def _kw(budget: dict[str, Any], arch: str) -> str:
-    kw = budget["reference_kwargs"].get(arch) or {}
-    return "(" + (", ".join(f"{k}={v}" for k, v in kw.items()) or "default config") + ")"
-
-
-def _loads(result: dict[str, Any], key: str) -> str:
-    v = result["environment"].get(key)
-    return "/".join(f"{x:.1f}" for x in v) if v else "n/a"
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """The printed report: budget line, one table, comparisons."""
-    b = result["budget"]
-    s1, s2 = b["throughput_sizes"]
-    lines = [
-        f"Karyo benchmark - budget '{b['name']}': {b['description']}",
-        f"training: {b['summary']}",
-        f"data: {result['data']}  train {len(result['split']['train'])} / val {len(result['split']['val'])} / "
-        f"test {len(result['split']['test'])} images (split by image, seed {result['split']['seed']}); "
-        f"test: {', '.join(result['split']['test'])}",
-        f"throughput: CPU, {result['environment']['threads']} torch threads, inference_mode, batch "
-        f"{b['throughput_batches'][0]} at {s1}x{s1} and {b['throughput_batches'][1]} at {s2}x{s2}, "
-        f"{b['warmup_iters']} warm-up pass(es) of batch {b['warmup_batch']}, then timed batches for >= "
-        f"{b['throughput_min_time_s']:g} s (at most {b['throughput_max_iters']}, at least 1), two rounds after "
-        f"all training, fastest batch kept; "
-        f"GFLOPs per 256x256 tile (FlopCounterMode: conv/matmul, multiply-add = 2 FLOPs)",
-        f"load average (1/5/15 min) at the start: {_loads(result, 'loadavg_start')}, at the end: "
-        f"{_loads(result, 'loadavg_end')} on {result['environment']['cpu_count']} cores (other processes share "
-        f"this CPU; all timings are wall-clock)",
-        "",
-    ]
-    b1, b2 = b["throughput_batches"]
-    hdr = (f"{'model':<22} {'params':>9} {'GFLOPs':>8} {f'tiles/s@{s1} b{b1}':>15} {f'tiles/s@{s2} b{b2}':>15} "
-           f"{'Dice':>6} {'AJI':>6} {'PQ':>6} {'mAP':>6} {'train s':>8}")
-    lines += [hdr, "-" * len(hdr)]
-    for r in result["rows"] + result["references"]:
-        m = r.get("metrics") or {}
-        name = r["name"] + (" (MONAI)" if r["kind"] == "peer" else "")
-        if r["kind"] == "reference":
-            name = f"{r['arch']} ref (untrained)"
-        params = f"{r['params'] / 1e6:.3f}M" if r["params"] else "0"
-        lines.append(
-            f"{name:<22} {params:>9} {_fmt(r.get('gflops_256'), '.2f'):>8} "
-            f"{_fmt(r.get(f'tiles_per_s_{s1}'), '.2f'):>15} {_fmt(r.get(f'tiles_per_s_{s2}'), '.2f'):>15} "
-            f"{_fmt(m.get('dice'), '.3f'):>6} {_fmt(m.get('aji'), '.3f'):>6} {_fmt(m.get('pq'), '.3f'):>6} "
-            f"{_fmt(m.get('dsb_map'), '.3f'):>6} {_fmt(r.get('train_s'), '.0f'):>8}"
-        )
-    for r in result["rows"]:
-        m = r.get("metrics") or {}
-        if r["kind"] != "baseline" and m.get("n_pred") == 0:
-            lines.append(f"note: {r['name']} predicted no nucleus on any test image (mean n_pred = 0; its "
-                         f"training loss ended at {_fmt(r.get('final_train_loss'), '.3f')}): it did not train "
-                         f"far enough in this budget, so its quality columns are 0")
-    lines.append("")
-    c = result["comparisons"]
-    if "reference_dssnet_vs_unet" in c:
-        x = c["reference_dssnet_vs_unet"]
-        lines.append(
-            f"speed, reference configs (dssnet {_kw(b, 'dssnet')} {x['dssnet_params'] / 1e6:.2f}M vs unet "
-            f"{_kw(b, 'unet')} {x['unet_params'] / 1e6:.2f}M): dssnet/unet tiles/s = "
-            f"{x['speed_ratio'][f'at_{s1}']:.2f}x @{s1}, "
-            f"{x['speed_ratio'][f'at_{s2}']:.2f}x @{s2} (target >= 5x): "
-            f"{'MET' if min(x['speed_ratio'].values()) >= 5 else 'NOT MET'}"
-        )
-    if "trained_dssnet_vs_unet" in c:
-        x = c["trained_dssnet_vs_unet"]
-        lines.append(
-            f"speed, trained '{b['name']}' configs (dssnet {x['dssnet_params'] / 1e6:.3f}M vs unet "
-            f"{x['unet_params'] / 1e6:.3f}M): {x['speed_ratio'][f'at_{s1}']:.2f}x @{s1}, "
-            f"{x['speed_ratio'][f'at_{s2}']:.2f}x @{s2}"
-        )
-        if "trained_dssnet_vs_reference_unet_speed" in c:
-            y = c["trained_dssnet_vs_reference_unet_speed"]
-            lines.append(f"speed, trained dssnet vs unet {_kw(b, 'unet')}: {y[f'at_{s1}']:.2f}x @{s1}, "
-                         f"{y[f'at_{s2}']:.2f}x @{s2}")
-        d = x["dice_diff_points"]
-        lines.append(
-            f"Dice, trained '{b['name']}' models: dssnet - unet = {d:+.2f} points (target: dssnet at most 1 point "
-            f"below unet): "
-            f"{'MET' if d >= -1.0 else 'NOT MET'}"
-        )
-    for key in ("aji", "pq"):
-        k = f"best_karyo_vs_monai_{key}"
-        if k in c:
-            x = c[k]
-            lines.append(
-                f"{key.upper()}: best Karyo model {x['best_karyo']} {x['best_karyo_value']:.3f} vs MONAI UNet "
-                f"{x['monai_value']:.3f} -> {'beats' if x['beats_monai'] else 'does NOT beat'} MONAI"
-            )
-    lines.append(f"wall time: {result['wall_time_s']:.0f} s")
-    return "\n".join(lines)
-
-
-def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Two panels: test metrics per model, CPU throughput per model (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    b = result["budget"]
-    s1 = b["throughput_sizes"][0]
-    rows = result["rows"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
-    names = [r["name"] for r in rows]
-    x = np.arange(len(rows))
-    w = 0.2
-    for i, key in enumerate(METRIC_KEYS):
-        ax1.bar(x + (i - 1.5) * w, [r["metrics"][key] for r in rows], w, label=key)
-    ax1.set_xticks(x, names, rotation=30, ha="right")
-    ax1.set_ylim(0, 1)
-    ax1.set_title(f"held-out test images ({len(result['split']['test'])}), budget '{b['name']}'")
-    ax1.legend(ncol=4, fontsize=8)
-    sp = [r for r in rows + result["references"] if r.get(f"tiles_per_s_{s1}")]
-    labels = [r["name"] if r["kind"] != "reference" else f"{r['arch']} ref" for r in sp]
-    palette = {"reference": "tab:gray", "peer": "tab:orange"}
-    colors = [palette.get(r["kind"], "tab:blue") for r in sp]
-    ax2.bar(np.arange(len(sp)), [r[f"tiles_per_s_{s1}"] for r in sp], color=colors)
-    ax2.set_yscale("log")
-    ax2.set_xticks(np.arange(len(sp)), labels, rotation=30, ha="right")
-    ax2.set_ylabel(f"CPU tiles/s at {s1}x{s1} (batch {b['throughput_batches'][0]})")
-    ax2.set_title("throughput (blue: Karyo trained, orange: MONAI, grey: reference configs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _json_safe(o: Any) -> Any:
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, np.generic):
-        return _json_safe(o.item())
-    return o
-
-
 # ============================================================================ CLI
 def main(argv: list[str] | None = None) -> int:
     t_main = time.perf_counter()
@@ -801,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, out / "bench.png")
     result["wall_time_s"] = time.perf_counter() - t_main  # everything, this process's start-up included
     table = format_table(result)
-    (out / "bench.json").write_text(json.dumps(_json_safe(result), indent=2))
+    (out / "bench.json").write_text(json.dumps(json_safe(result), indent=2))
     (out / "bench.txt").write_text(table + "\n")
     print(table)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.png'}", file=sys.stderr)
