@@ -1,13 +1,17 @@
 """One JSON error shape for the whole API: ``{"error": {"code", "message", "details"}}``."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
-from rest_framework.views import exception_handler
+from rest_framework.views import exception_handler, set_rollback
+
+log = logging.getLogger("backend.errors")
 
 
 class KaryoError(exceptions.APIException):
@@ -38,13 +42,34 @@ class Conflict(KaryoError):
     default_code = "conflict"
 
 
+class RequestTooLarge(KaryoError):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_code = "request_too_large"
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict:
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def error_response(status_code: int, code: str, message: str, details: Any = None) -> JsonResponse:
+    """The documented error shape outside DRF (middleware, Django-level errors)."""
+    return JsonResponse(error_body(code, message, details), status=status_code)
+
+
 def _message(detail: Any) -> str:
-    if isinstance(detail, list) and detail:
-        return _message(detail[0])
-    if isinstance(detail, dict) and detail:
-        key, value = next(iter(detail.items()))
-        return f"{key}: {_message(value)}" if key != "non_field_errors" else _message(value)
-    return str(detail)
+    # Iterative, not recursive: a validation error about deeply nested input must not recurse.
+    path: list[str] = []
+    for _ in range(64):
+        if isinstance(detail, list) and detail:
+            detail = detail[0]
+        elif isinstance(detail, dict) and detail:
+            key, detail = next(iter(detail.items()))
+            if key != "non_field_errors":
+                path.append(str(key))
+        else:
+            break
+    text = str(detail)
+    return ": ".join([*path, text])
 
 
 def json_exception_handler(exc: Exception, context: dict) -> Response | None:
@@ -52,9 +77,20 @@ def json_exception_handler(exc: Exception, context: dict) -> Response | None:
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):
+        exc = RequestTooLarge(f"the request body is too large ({exc})")
+    elif isinstance(exc, RecursionError):
+        exc = exceptions.ParseError("the request is nested too deeply")
+    elif isinstance(exc, SuspiciousOperation):
+        exc = KaryoError("the request was refused as malformed", code="bad_request")
     response = exception_handler(exc, context)
     if response is None:
-        return None
+        # A bug, not the caller's fault: the details go to the server log, the caller gets the shape.
+        view = context.get("view")
+        log.error("unhandled error in %s", type(view).__name__ if view else "a view", exc_info=exc)
+        set_rollback()
+        return Response(error_body("server_error", "internal server error; the server log has the details"),
+                        status=status.HTTP_500_INTERNAL_SERVER_ERROR)
     if isinstance(exc, KaryoError):
         code, message, details = exc.code, str(exc.detail), exc.details
     elif isinstance(exc, exceptions.ValidationError):

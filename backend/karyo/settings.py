@@ -64,6 +64,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: refuses oversized bodies before anything reads them, and turns every error under
+    # /api/ (Django's own 404/405/500 pages included) into the JSON error shape.
+    "backend.common.middleware.ApiErrorMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -164,6 +167,12 @@ STORAGES = {
 KARYO_MAX_IMAGE_PIXELS = env_int("KARYO_MAX_IMAGE_PIXELS", 100_000_000, minimum=1)
 KARYO_MAX_UPLOAD_BYTES = env_int("KARYO_MAX_UPLOAD_MB", 1024, minimum=1) * 1024 * 1024
 KARYO_MAX_ZIP_MEMBERS = env_int("KARYO_MAX_ZIP_MEMBERS", 10_000, minimum=1)
+# Slides (issue 11): chunked uploads up to this size; per-process caches of open slide readers and
+# decoded tiles (backend/images/pixels.py); tiles per prediction chunk (one Celery task each).
+KARYO_MAX_SLIDE_BYTES = env_int("KARYO_MAX_SLIDE_MB", 20 * 1024, minimum=1) * 1024 * 1024
+KARYO_SLIDE_READERS = env_int("KARYO_SLIDE_READERS", 16, minimum=1)
+KARYO_TILE_CACHE_MB = env_int("KARYO_TILE_CACHE_MB", 256, minimum=1)
+KARYO_PREDICT_CHUNK_TILES = env_int("KARYO_PREDICT_CHUNK_TILES", 256, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 
@@ -233,6 +242,16 @@ LABEL_STUDIO_WEBHOOK_SECRET = env_str("KARYO_LABEL_STUDIO_WEBHOOK_SECRET")
 # Pull what changed in Label Studio (missed webhooks, Label Studio down); a no-op when unset.
 CELERY_BEAT_SCHEDULE["labelstudio-reconcile"] = {"task": "karyo.cpu.labelstudio_reconcile", "schedule": 60.0}
 
+# --- Cache -----------------------------------------------------------------------------
+# Shared by every process (login throttling counts across web processes): Redis in services
+# mode and production, files under var/ in the embedded default.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+                          "KEY_PREFIX": "karyo", "TIMEOUT": 300}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                          "LOCATION": str(VAR_DIR / "cache"), "TIMEOUT": 300}}
+
 # --- API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -244,6 +263,17 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 100,
     "EXCEPTION_HANDLER": "backend.common.errors.json_exception_handler",
+    "DEFAULT_PARSER_CLASSES": [
+        "backend.common.parsers.BoundedJSONParser",  # nesting limit: no RecursionError on [[[[...
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    # Login and token requests: failed attempts are counted per client address and per username
+    # (backend.common.throttling); the counters live in the cache, shared by every web process.
+    "DEFAULT_THROTTLE_RATES": {
+        "login": env_str("KARYO_LOGIN_RATE", "10/min"),
+        "login_address": env_str("KARYO_LOGIN_ADDRESS_RATE", "30/min"),
+    },
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {

@@ -1,10 +1,9 @@
 from django.urls import path
-from rest_framework.authtoken.views import obtain_auth_token
-
 from . import api
+from .auth import TokenLoginView
 
 urlpatterns = [
-    path("auth/token/", obtain_auth_token, name="auth-token"),
+    path("auth/token/", TokenLoginView.as_view(), name="auth-token"),
     path("me/", api.MeView.as_view(), name="me"),
     path("projects/", api.ProjectListView.as_view(), name="project-list"),
     path("projects/<int:project_id>/", api.ProjectDetailView.as_view(), name="project-detail"),

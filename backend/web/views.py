@@ -2,6 +2,8 @@
 user, and every project page membership of that project (outsiders get 404, as in the API)."""
 from __future__ import annotations
 
+import math
+
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -9,6 +11,7 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
+from backend.common.throttling import login_wait, record_failed_login
 from backend.images.models import Annotation, Image, Tile
 from backend.projects.models import ROLE_RANK, Project, Role
 from backend.projects.selectors import role_of
@@ -41,6 +44,20 @@ class LoginView(auth_views.LoginView):
 
     def get_context_data(self, **kwargs):
         return {**super().get_context_data(**kwargs), "assets": entry_assets()}
+
+    def post(self, request, *args, **kwargs):
+        # The same failed-attempt throttle as POST /api/auth/token/ (backend.common.throttling).
+        wait = login_wait(request)
+        if wait is not None:
+            response = self.render_to_response(self.get_context_data(throttled=math.ceil(wait)))
+            response.status_code = 429
+            response["Retry-After"] = str(math.ceil(wait))
+            return response
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form):
+        record_failed_login(self.request)
+        return super().form_invalid(form)
 
 
 class LogoutView(auth_views.LogoutView):
@@ -107,7 +124,8 @@ def new_project_page(request):
 def settings_page(request, project_id: int):
     project, role = _member_project(request, project_id)
     if role != Role.ADMIN:
-        raise PermissionDenied(f"Only the project's admins change its settings and members; you are {role.label.lower()}.")
+        article = "an" if role.value[0] in "aeiou" else "a"
+        raise PermissionDenied(f"Only the project's admins change its settings and members; you are {article} {role.value}.")
     return _shell(request, "settings", project=project, role=role, catalog=catalog.as_dict())
 
 

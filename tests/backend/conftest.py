@@ -62,6 +62,16 @@ def fast_password_hashing(settings):
 
 
 @pytest.fixture(autouse=True)
+def empty_cache():
+    """Throttle counters (failed logins) live in the shared cache: every test starts without any."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def isolated_storage(request, settings, tmp_path):
     """Every test gets empty storage: a temp folder, or (services mode) a fresh S3 bucket."""
     if SERVICES or "s3_storage" in request.fixturenames:
