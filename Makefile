@@ -10,7 +10,7 @@ SERVICES_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 SERVICES_REDIS_URL ?= redis://127.0.0.1:6379/15
 PYTEST_ARGS ?=
 
-.PHONY: run test test-embedded test-services setup migrate demo worker web clean-var schema frontend frontend-test
+.PHONY: run test test-embedded test-services setup migrate demo worker web clean-var schema frontend frontend-test lint
 
 # The browser UI (frontend/): npm ci when the lock file changes, `npm run build` into frontend/dist
 # (served by Django as static files) when a source changes.
@@ -52,6 +52,12 @@ ifeq ($(KARYO_TEST_SERVICES),1)
 	KARYO_TEST_SERVICES=1 KARYO_VAR_DIR=$(TEST_VAR) DATABASE_URL=$(SERVICES_DATABASE_URL) \
 		KARYO_REDIS_URL=$(SERVICES_REDIS_URL) $(PY) -m pytest tests/backend $(PYTEST_ARGS)
 endif
+
+# Import contracts (pyproject.toml [tool.importlinter]: the app order of docs/architecture.md, the
+# engine boundary) and ruff on the whole tree. A broken contract prints the offending import chain.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 schema: setup
 	$(PY) manage.py spectacular --validate --fail-on-warn --file var/schema.yml

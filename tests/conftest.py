@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 SERVICES = os.environ.get("KARYO_TEST_SERVICES") == "1"
 
 

@@ -18,7 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from backend.common.errors import Conflict, InvalidUpload
-from backend.common.permissions import project_for, require_role
+from backend.projects.permissions import project_for, require_role
 from backend.projects.models import Role
 
 from . import services

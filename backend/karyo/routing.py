@@ -1,7 +1,7 @@
 """WebSocket routes."""
 from django.urls import path
 
-from backend.ml.consumers import ProjectEventsConsumer
+from backend.web.consumers import ProjectEventsConsumer
 
 websocket_urlpatterns = [
     path("ws/projects/<int:project_id>/", ProjectEventsConsumer.as_asgi()),

@@ -5,3 +5,10 @@ class LabelStudioConfig(AppConfig):
     name = "backend.labelstudio"
     label = "labelstudio"
     verbose_name = "Label Studio integration"
+
+    def ready(self) -> None:
+        from backend.ml.signals import queue_ranked
+
+        from . import receivers, tasks  # noqa: F401  (tasks: registers the Celery tasks in every process)
+
+        queue_ranked.connect(receivers.on_queue_ranked, dispatch_uid="labelstudio.on_queue_ranked")

@@ -28,7 +28,7 @@ from backend.common.storage import encode_png, read_label_map
 from backend.exports.models import Export
 from backend.exports.services import create_export, run_export, start_export
 from backend.exports.streaming import open_stream
-from backend.images.importing import import_path, read_dataset
+from backend.exports.importing import import_path, read_dataset
 from backend.images.models import Annotation, AnnotationSource, Tile
 from backend.images.services import create_annotation, ingest_images, review_annotation
 from backend.images.validation import decode_image

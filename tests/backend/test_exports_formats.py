@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from backend.common.storage import encode_png
 from backend.exports.archive import ZipSink
 from backend.exports.formats import ClassDef, ExportSample, PlanItem, coco, geojson, get_format, labelstudio, pannuke
-from backend.exports.formats.geometry import instance_parts, label_parts, rasterize_parts
+from backend.common.geometry import instance_parts, label_parts, rasterize_parts
 from backend.exports.provenance import prediction_changes
 from backend.exports.splits import seeded_split
 from ml_worker import synth
@@ -235,8 +235,10 @@ def test_label_studio_tasks_hold_polygons_in_percent_and_fill_holes(tmp_path):
 
 
 def test_label_studio_regions_drawn_by_people_are_one_nucleus_each_and_brushes_are_refused():
-    square = lambda x0: {"type": "polygonlabels", "id": f"abc{x0}", "original_width": 50, "original_height": 50,
-                         "value": {"points": [[x0, 10], [x0 + 20, 10], [x0 + 20, 30], [x0, 30]], "polygonlabels": ["A"]}}
+    def square(x0):
+        return {"type": "polygonlabels", "id": f"abc{x0}", "original_width": 50, "original_height": 50,
+                "value": {"points": [[x0, 10], [x0 + 20, 10], [x0 + 20, 30], [x0, 30]], "polygonlabels": ["A"]}}
+
     labels = labelstudio.results_to_labels([square(0), square(40), {"type": "choices", "value": {}}], 50, 50, "t")
     assert labels.instances.max() == 2 and labels.classes == {1: "A", 2: "A"}
     assert (labels.instances == 1).sum() == 10 * 10

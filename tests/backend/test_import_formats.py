@@ -132,7 +132,7 @@ def test_an_admin_imports_a_zip_over_the_api_into_an_existing_project(curated, a
 def test_a_failure_while_writing_rolls_back_rows_and_files(curated, tmp_path, monkeypatch):
     _, path = export_zip(curated["project"], "png", tmp_path, {"status": "submitted"})
     before = stored_files()
-    import backend.images.importing as importing
+    import backend.exports.importing as importing
 
     real = importing.create_annotation
     calls = []
@@ -207,7 +207,7 @@ def test_cpm15_in_the_common_layout_goes_to_coco_and_back_with_all_2905_nuclei(t
 
 
 def test_importing_needs_a_project_or_a_new_project_name():
-    from backend.images.importing import import_dataset
+    from backend.exports.importing import import_dataset
     from backend.exports.formats import Dataset
 
     with pytest.raises(ValueError):
@@ -221,7 +221,7 @@ def test_a_folder_of_images_only_is_imported_unlabelled(team, tmp_path):
 
     synth.write_dataset(tmp_path / "ds", 2, kind="pap", size=64, seed=9)
     (tmp_path / "ds" / "masks").rename(tmp_path / "held-out")
-    from backend.images.importing import import_folder
+    from backend.exports.importing import import_folder
 
     summary = import_folder(project=team["project"], root=tmp_path / "ds")
     assert (summary.format, summary.images, summary.tiles, summary.annotations) == ("png", 2, 2, 0)

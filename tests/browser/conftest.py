@@ -85,7 +85,7 @@ def events_beside_playwright(monkeypatch):
     import asyncio
     import threading
 
-    from backend.ml import events
+    from backend.common import events
 
     def in_a_thread(function):
         def call(*args, **kwargs):

@@ -23,7 +23,7 @@ import numpy as np
 
 from backend.common.storage import encode_png
 
-from . import PANNUKE_CLASSES, BaseWriter, ClassDef, Dataset, ExportSample, Labels, SourceItem, manifest_classes, palette_color, problem
+from .base import PANNUKE_CLASSES, BaseWriter, ClassDef, Dataset, ExportSample, Labels, SourceItem, manifest_classes, palette_color, problem
 
 NAME = "pannuke"
 

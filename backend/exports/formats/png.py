@@ -18,7 +18,7 @@ from backend.common.errors import KaryoError
 from backend.common.storage import encode_png
 from backend.images.validation import decode_mask
 
-from . import BaseWriter, Dataset, ExportSample, Labels, SourceItem, class_map, encode_gray8, find_images, majority_classes, manifest_classes, problem
+from .base import BaseWriter, Dataset, ExportSample, Labels, SourceItem, class_map, encode_gray8, find_images, majority_classes, manifest_classes, problem
 
 NAME = "png"
 

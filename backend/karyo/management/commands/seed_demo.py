@@ -6,9 +6,9 @@ from pathlib import Path
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from backend.images.importing import import_folder
-from backend.projects.models import Membership, Project, Role
+from backend.exports.importing import import_folder
 from backend.ml.services import start_training_run
+from backend.projects.models import Membership, Project, Role
 from backend.projects.services import create_project
 from ml_worker import synth
 
@@ -40,8 +40,9 @@ class Command(BaseCommand):
             )
             with tempfile.TemporaryDirectory() as tmp:
                 labelled, unlabelled = Path(tmp) / "labelled", Path(tmp) / "unlabelled"
-                synth.write_dataset(labelled, n_labelled, kind=kind, size=size, seed=100)
-                synth.write_dataset(unlabelled, n_images - n_labelled, kind=kind, size=size, seed=200)
+                # Distinct names: both sets would otherwise start at {kind}_0000 (two "pap_0000.png").
+                synth.write_dataset(labelled, n_labelled, kind=kind, size=size, seed=100, prefix=f"{kind}_labelled_")
+                synth.write_dataset(unlabelled, n_images - n_labelled, kind=kind, size=size, seed=200, prefix=f"{kind}_")
                 (unlabelled / "masks").rename(Path(tmp) / "held-out-masks")  # the queue must not see the truth
                 done = import_folder(project=project, root=labelled, author=admin)
                 rest = import_folder(project=project, root=unlabelled, author=admin)

@@ -1,4 +1,5 @@
-"""Project-role checks shared by every API view.
+"""Project-role checks shared by every API view (here, not in ``common``: they are about projects,
+and ``common`` imports no app).
 
 Outsiders get 404 rather than 403 so that project, image and tile ids do not leak; members
 whose role is too low get 403 with the role they would need.
@@ -8,8 +9,8 @@ from __future__ import annotations
 from django.shortcuts import get_object_or_404
 from rest_framework.exceptions import NotFound, PermissionDenied
 
-from backend.projects.models import ROLE_RANK, Project, Role
-from backend.projects.selectors import role_of
+from .models import ROLE_RANK, Project, Role
+from .selectors import role_of
 
 
 def require_role(*, user, project: Project, minimum: Role) -> Role:

@@ -1,6 +1,7 @@
 """Import a data set into a project: a folder or a zip, in any format Karyo exports.
 
-Formats (``backend.exports.formats``, detected when not given): the common layout
+It lives in exports, above images, because it reads every export format back (``.formats``,
+detected when not given): the common layout
 (``images/NAME.png`` + ``masks/NAME.png`` 16-bit instance labels, optional ``classes/``), COCO,
 PanNuke arrays, Label Studio tasks and QuPath GeoJSON. Without ``masks/`` (or annotations) the
 images are imported unlabelled (they join the annotation queue).
@@ -26,14 +27,14 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 
 from backend.common.errors import InvalidUpload, KaryoError
-from backend.exports.archive import extract_archive, work_dir
-from backend.exports.formats import ClassDef, Dataset, detect_format, get_format, palette_color
+from backend.images.models import AnnotationSource, AnnotationStatus, Image, Tile
+from backend.images.services import create_annotation, ingest_images
+from backend.images.validation import decode_image
 from backend.projects.models import Project, default_nucleus_classes
 from backend.projects.services import create_project
 
-from .models import AnnotationSource, AnnotationStatus, Image, Tile
-from .services import create_annotation, ingest_images
-from .validation import decode_image
+from .archive import extract_archive, work_dir
+from .formats import ClassDef, Dataset, detect_format, get_format, palette_color
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 50

@@ -1,12 +1,13 @@
+"""The browser's live channel: ``/ws/projects/<id>/`` streams what any app publishes with
+``backend.common.events.publish`` to the project's members. In web, the layer the browser talks to."""
 from __future__ import annotations
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from backend.common.events import group_name
 from backend.projects.models import Project, Role
 from backend.projects.selectors import has_role
-
-from .events import group_name
 
 
 @database_sync_to_async

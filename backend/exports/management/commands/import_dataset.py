@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from backend.common.errors import KaryoError
 from backend.exports.formats import FORMAT_NAMES
-from backend.images.importing import import_path
+from backend.exports.importing import import_path
 from backend.images.models import AnnotationStatus
 from backend.projects.models import Project
 
