@@ -27,6 +27,10 @@ function files(dir) {
 const sources = files(src).filter((f) => /\.(js|css)$/.test(f));
 const hash = createHash("sha256");
 for (const file of sources) hash.update(relative(src, file)).update("\0").update(readFileSync(file)).update("\0");
+// uPlot (the charts) is copied into the app folder (lib/plot.js imports it relatively): its
+// version is part of the hash so a new uPlot gives new URLs too.
+const UPLOT = JSON.parse(readFileSync(join(here, "node_modules/uplot/package.json"), "utf8")).version;
+hash.update(`uplot@${UPLOT}`);
 const version = hash.digest("hex").slice(0, 12);
 
 if (!existsSync(join(lsBuild, "js/main.js"))) {
@@ -40,6 +44,10 @@ for (const file of sources) {
   mkdirSync(dirname(target), { recursive: true });
   cpSync(file, target);
 }
+const uplotVendor = join(app, "vendor/uplot");
+mkdirSync(uplotVendor, { recursive: true });
+for (const name of ["uPlot.esm.js", "uPlot.min.css"]) cpSync(join(here, "node_modules/uplot/dist", name), join(uplotVendor, name));
+cpSync(join(here, "node_modules/uplot/LICENSE"), join(uplotVendor, "LICENSE"));
 const vendor = join(dist, `vendor/label-studio-${LABEL_STUDIO}`);
 mkdirSync(vendor, { recursive: true });
 cpSync(join(lsBuild, "js/main.js"), join(vendor, "main.js"));

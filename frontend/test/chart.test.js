@@ -1,37 +1,29 @@
 import { describe, it } from "node:test";
 import { expect } from "./expect.js";
-import { extent, lineChart, niceTicks, runSeries, tickFormat } from "../src/lib/chart.js";
+import { alignSeries, formatValue, hasPoints, runSeries } from "../src/lib/chart.js";
 
-describe("niceTicks", () => {
-  it("covers the range with round steps", () => {
-    expect(niceTicks(0, 1, 4)).toEqual([0, 0.25, 0.5, 0.75, 1]);
-    const t = niceTicks(0.13, 0.87, 5);
-    expect(t[0]).toBeLessThanOrEqual(0.13);
-    expect(t[t.length - 1]).toBeGreaterThanOrEqual(0.87);
+describe("alignSeries (uPlot's columns)", () => {
+  it("joins every series on the union of their x values, null where one has no point", () => {
+    const data = alignSeries([
+      { name: "step loss", points: [[0.5, 1.2], [1, 0.9], [1.5, 0.8]] },
+      { name: "train loss", points: [[1, 0.95], [2, 0.7]] },
+    ]);
+    expect(data).toEqual([[0.5, 1, 1.5, 2], [1.2, 0.9, 0.8, null], [null, 0.95, null, 0.7]]);
   });
-  it("widens a single value", () => {
-    const t = niceTicks(2, 2, 4);
-    expect(t[0]).toBeLessThan(2);
-    expect(t[t.length - 1]).toBeGreaterThan(2);
+  it("drops non-finite values and sorts by x", () => {
+    expect(alignSeries([{ points: [[3, 2], [1, NaN], [2, 5]] }])).toEqual([[2, 3], [5, 2]]);
   });
-  it("returns nothing for missing data", () => {
-    expect(niceTicks(NaN, 1)).toEqual([]);
+  it("knows when there is nothing to draw", () => {
+    expect(hasPoints([{ points: [] }, { points: [[1, NaN]] }])).toBe(false);
+    expect(hasPoints([{ points: [[1, 0.5]] }])).toBe(true);
   });
 });
 
-describe("lineChart", () => {
-  it("draws one path per series, a legend, and escapes names", () => {
-    const markup = lineChart([{ name: "Dice <v>", points: [[1, 0.5], [2, 0.7]] }, { name: "AJI", points: [[1, 0.4], [2, 0.6]] }], { xLabel: "epoch" });
-    expect(markup.match(/<path /g)).toHaveLength(2);
-    expect(markup).toContain("Dice &lt;v&gt;");
-    expect(markup).not.toContain("<v>");
-    expect(markup).toContain(">epoch<");
-  });
-  it("shows the empty text without data", () => {
-    expect(lineChart([{ name: "loss", points: [] }], { emptyText: "Waiting for the first epoch…" })).toContain("Waiting for the first epoch…");
-  });
-  it("computes extents over finite values only", () => {
-    expect(extent([{ points: [[1, NaN], [3, 2], [2, 5]] }], 1)).toEqual([2, 5]);
+describe("tooltip values", () => {
+  it("show four significant digits, integers as they are", () => {
+    expect(formatValue(0.123456)).toBe("0.1235");
+    expect(formatValue(3)).toBe("3");
+    expect(formatValue(null)).toBe("—");
   });
 });
 
@@ -47,19 +39,5 @@ describe("runSeries", () => {
     expect(s.loss[0].points).toEqual([[1, 0.9], [2, 0.5]]);
     expect(s.validation[0].points).toEqual([[1, 0.3], [2, 0.6]]);
     expect(s.validation[1].points).toEqual([[1, 0.2], [2, 0.4]]);
-  });
-});
-
-describe("tick labels", () => {
-  it("show as many decimals as the step needs", () => {
-    expect([1.6, 1.65, 1.7].map(tickFormat(0.05))).toEqual(["1.6", "1.65", "1.7"]);
-    expect([0, 0.25, 0.5].map(tickFormat(0.25))).toEqual(["0", "0.25", "0.5"]);
-    expect([1, 2, 3].map(tickFormat(1))).toEqual(["1", "2", "3"]);
-    expect([0.1, 0.2].map(tickFormat(0.09999999999999998))).toEqual(["0.1", "0.2"]);
-  });
-  it("never repeat a label on the loss axis of a short run", () => {
-    const markup = lineChart([{ name: "loss", points: [[1, 1.66], [2, 1.78], [3, 1.6]] }]);
-    const labels = [...markup.matchAll(/text-anchor="end" class="tick">([^<]+)</g)].map((m) => m[1]);
-    expect(new Set(labels).size).toBe(labels.length);
   });
 });

@@ -168,3 +168,16 @@ def _one_tile(project) -> Tile:
     pixels = np.asarray(PILImage.open(io.BytesIO(rgb_png(64, 64))).convert("RGB"))
     ingest_images(project=project, images=[decoded("t.png", pixels)], uploaded_by=None)
     return Tile.objects.get(project=project)
+
+
+def test_the_demo_seed_gives_every_image_its_own_name(make_user, settings):
+    from django.core.management import call_command
+
+    from backend.images.models import Image
+
+    make_user("root").__class__.objects.filter(username="root").update(is_superuser=True, is_staff=True)
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    call_command("seed_demo", size=128)
+    for project in Project.objects.filter(name__startswith="Demo"):
+        names = list(Image.objects.filter(project=project).values_list("name", flat=True))
+        assert len(names) >= 6 and len(set(names)) == len(names), names

@@ -1,8 +1,8 @@
 // Project dashboard: progress, the active model, metrics per version, images and their tiles,
 // recent activity. Refreshes itself on live events.
 import { api, listAll } from "../lib/api.js";
-import { lineChart } from "../lib/chart.js";
-import { h, replace, svg } from "../lib/dom.js";
+import { lineChart } from "../lib/plot.js";
+import { h, replace } from "../lib/dom.js";
 import { etaText, metric, percent, plural, relativeTime, roleAtLeast, runEtaSeconds, runProgress, statusLabel, versionMetrics } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, progressBar, projectUrl, spinner } from "../lib/layout.js";
 
@@ -92,20 +92,23 @@ export async function render(main, { config, socket }) {
         h("a", { class: "link", href: projectUrl(project, "training/") }, "Watch the curves →")))
       : null;
 
-    const chart = card("Validation Dice and AJI per model version", svg(versionChart(versions)), { id: "version-chart" });
+    const chart = card("Validation Dice and AJI per model version", versionChart(versions), { id: "version-chart" });
 
     const grid = card("Images and tiles", images.images.length
       ? h("div", { class: "image-list" }, images.images.map((img) => {
         const cols = Math.max(1, Math.round(img.width / (img.tiles[0]?.w || img.width)));
         return h("div", { class: "image-item" },
-          h("div", { class: "image-name", title: img.name }, img.name, h("span", { class: "muted small" }, ` ${img.width}×${img.height}`)),
+          // The size on its own line: after the name it was cut off by the ellipsis ("512x...").
+          h("div", { class: "image-name", title: img.name }, img.name),
+          h("div", { class: "muted small", "data-testid": "image-size" }, `${img.width}×${img.height} px`),
           h("div", { class: "tile-grid", style: { gridTemplateColumns: `repeat(${cols}, 1fr)` } },
             img.tiles.map((t) => h("a", {
               class: `tile-cell seg-${t.status || "unlabelled"}`, href: projectUrl(project, `tiles/${t.id}/`),
               title: `tile ${t.id} (${t.x},${t.y}): ${statusLabel(t.status)}${t.version ? ` v${t.version}` : ""}`,
             }))));
       }))
-      : emptyState("No images yet", "An admin uploads images (PNG, JPEG, TIFF or a zip) through the API, or imports a data set with `manage.py import_dataset`."));
+      : emptyState("No images yet", "An admin uploads images (PNG, JPEG, TIFF, whole slides or a zip) on the upload page, or imports a data set with `manage.py import_dataset`.",
+        roleAtLeast(project.my_role, "admin") ? h("a", { class: "btn btn-primary", href: projectUrl(project, "upload/") }, "Upload images") : null));
 
     const activity = card("Recent activity", events.results.length
       ? h("ul", { class: "activity", "data-testid": "activity" }, events.results.map((e) =>

@@ -1,6 +1,6 @@
 // Model registry: every version with its validation metrics; admins promote or roll back.
 import { api, listAll } from "../lib/api.js";
-import { h, replace, svg } from "../lib/dom.js";
+import { h, replace } from "../lib/dom.js";
 import { metric, relativeTime, roleAtLeast, statusLabel, versionMetrics } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, projectUrl, spinner, toast } from "../lib/layout.js";
 import { versionChart } from "./dashboard.js";
@@ -53,7 +53,7 @@ export async function render(main, { config, socket }) {
       return;
     }
     replace(body,
-      card("Validation Dice and AJI per version", svg(versionChart(versions))),
+      card("Validation Dice and AJI per version", versionChart(versions)),
       card("Registry", h("table", { class: "table", "data-testid": "versions-table" },
         h("thead", {}, h("tr", {}, ["Version", "Status", "Architecture", "Dice", "AJI", "PQ", "Object F1", "Run", "Created", "Why", ""].map((t) => h("th", {}, t)))),
         h("tbody", {}, versions.map((v) => {

@@ -1,8 +1,9 @@
 // Training: admins launch a run; everyone watches loss and validation curves arrive live over
 // the project's WebSocket, and sees the run land as a candidate or active model version.
 import { api, listAll } from "../lib/api.js";
-import { lineChart, runSeries } from "../lib/chart.js";
-import { h, replace, svg } from "../lib/dom.js";
+import { runSeries } from "../lib/chart.js";
+import { lineChart } from "../lib/plot.js";
+import { h, replace } from "../lib/dom.js";
 import { duration, etaText, metric, parseTrainingForm, relativeTime, roleAtLeast, runEtaSeconds, runProgress, statusLabel, withArticle } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, onWorkerStatus, progressBar, projectUrl, spinner, toast } from "../lib/layout.js";
 
@@ -93,12 +94,21 @@ export async function render(main, { config, socket }) {
     const stepPoints = state.steps.map((s) => [s.epoch - 1 + s.step / s.steps, s.loss]);
     const lossSeries = [...series.loss.map((s) => ({ ...s, points: s.points }))];
     if (stepPoints.length) lossSeries.unshift({ name: "step loss", color: "#fdba74", points: stepPoints });
+    // One pair of charts per run, updated in place: a redraw keeps the reader's zoom.
+    if (state.charts?.run !== state.selected) {
+      state.charts = {
+        run: state.selected,
+        loss: lineChart(lossSeries, { xLabel: "epoch", yLabel: "loss", emptyText: "Waiting for the first steps…" }),
+        val: lineChart(series.validation, { xLabel: "epoch", yLabel: "score", yMin: 0, yMax: 1, xInteger: true, emptyText: "Waiting for the first epoch…" }),
+      };
+    } else {
+      state.charts.loss.update(lossSeries);
+      state.charts.val.update(series.validation);
+    }
     return h("div", { class: "charts" },
-      h("div", { "data-testid": "loss-chart" }, h("h3", {}, "Training loss"),
-        svg(lineChart(lossSeries, { xLabel: "epoch", yLabel: "loss", emptyText: "Waiting for the first steps…" }))),
+      h("div", { "data-testid": "loss-chart" }, h("h3", {}, "Training loss"), state.charts.loss),
       h("div", { "data-testid": "val-chart", "data-points": series.validation[0].points.length },
-        h("h3", {}, "Validation"),
-        svg(lineChart(series.validation, { xLabel: "epoch", yLabel: "score", yMin: 0, yMax: 1, xInteger: true, emptyText: "Waiting for the first epoch…" }))));
+        h("h3", {}, "Validation ", h("span", { class: "muted small" }, "· drag to zoom, double-click to reset")), state.charts.val));
   }
 
   function drawRun() {
