@@ -84,7 +84,7 @@ def _tissue_fractions(reader, rects, *, tile_level0: float) -> list[float]:
     side = int(min(TISSUE_MASK_MAX_SIDE, max(64, math.ceil(max(width, height) / target_downsample))))
     lowres = reader.thumbnail(side)
     mask = tissue_mask(lowres)
-    downsample = width / mask.shape[1]
+    downsample = (width / mask.shape[1], height / mask.shape[0])
     return list(tile_tissue_fractions(mask, downsample=downsample, grid=[r[:4] for r in rects]))
 
 

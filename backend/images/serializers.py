@@ -118,10 +118,11 @@ class NucleusSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     tile_id = serializers.IntegerField()
     class_id = serializers.IntegerField()
+    source = serializers.ChoiceField(choices=["annotation", "prediction"])
     polygon = serializers.ListField(child=serializers.ListField(child=serializers.FloatField()))
 
 
 class NucleiSerializer(serializers.Serializer):
-    source = serializers.ChoiceField(choices=["annotation", "prediction"], allow_null=True)
+    source = serializers.ChoiceField(choices=["annotation", "prediction", "mixed"], allow_null=True)
     nuclei = NucleusSerializer(many=True)
     truncated = serializers.BooleanField()

@@ -64,7 +64,9 @@ def expected_part_size(upload: Upload, n: int) -> int:
 
 
 def create_upload(*, project: Project, filename: str, size: int, user) -> Upload:
-    name = Path(filename).name
+    name = Path(filename.replace("\\", "/")).name
+    if name in ("", ".", "..") or "\x00" in name:
+        raise InvalidUpload(f"{filename!r} is not a file name", code="invalid_filename")
     suffix = Path(name.lower()).suffix
     if suffix == ".zip":
         raise UnsupportedFormat(
@@ -198,7 +200,8 @@ def discard_upload(upload: Upload) -> None:
 def _assemble_local(upload: Upload) -> tuple[Path, str, bytes]:
     """Concatenate the parts into one file next to them, hashing as it goes: (path, sha256, head)."""
     folder = _parts_dir(upload)
-    target = folder / "assembled"
+    target = folder / "assembled" / upload.filename  # readers name the file in their messages
+    target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     head = b""
     with open(target, "wb") as out:
@@ -231,7 +234,8 @@ def _check_readable(path: Path, name: str) -> str:
         with open_slide(path, max_pixels=settings.KARYO_MAX_IMAGE_PIXELS) as reader:
             return str(reader.format)
     except SlideError as exc:
-        raise InvalidUpload(f"{name}: {exc}", code="unreadable_slide") from None
+        message = str(exc)
+        raise InvalidUpload(message if name in message else f"{name}: {message}", code="unreadable_slide") from None
 
 
 def complete_upload(*, upload: Upload, parts: list[dict] | None = None) -> Image:
@@ -296,7 +300,7 @@ def _store(*, upload: Upload, parts: list[dict] | None) -> Image:
     with transaction.atomic():
         Image.objects.filter(project=upload.project, sha256=sha256, state=ImageState.FAILED).delete()
         image = Image.objects.create(
-            project=upload.project, name=name, file=final, sha256=sha256, format=slide_format[:8],
+            project=upload.project, name=name, file=final, sha256=sha256, format=short_format(slide_format, name),
             uploaded_by=upload.created_by, state=ImageState.INGESTING, ingest_progress=0.0,
         )
         upload.state, upload.image = UploadState.COMPLETE, image
@@ -307,3 +311,65 @@ def _store(*, upload: Upload, parts: list[dict] | None) -> Image:
     else:
         shutil.rmtree(_parts_dir(upload), ignore_errors=True)
     return image
+
+
+def import_file(*, project: Project, path: Path, user=None) -> Image:
+    """Store a local slide or image file as a new Image (``ingesting``; ingest enqueued on commit).
+
+    The ``import_images`` command's path: the same checks as a completed upload (zip refused,
+    same file twice -> Conflict, header readable and within the pixel limit), streamed in blocks.
+    """
+    path = Path(path)
+    name = path.name
+    suffix = path.suffix.lower()
+    if suffix == ".zip" or zipfile_magic(path):
+        raise UnsupportedFormat(f"{name}: zip archives are not imported; unpack it and import the folder")
+    if suffix in MULTI_FILE_FORMATS:
+        raise UnsupportedFormat(f"{name}: {MULTI_FILE_FORMATS[suffix]}; convert it to a single-file pyramidal TIFF")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(BLOCK):
+            digest.update(block)
+    sha256 = digest.hexdigest()
+    duplicate = Image.objects.filter(project=project, sha256=sha256).exclude(state=ImageState.FAILED).first()
+    if duplicate is not None:
+        raise Conflict(f"{name}: this file is already in the project as image {duplicate.pk} ({duplicate.name})",
+                       code="duplicate_image", details={"image_id": duplicate.pk})
+    slide_format = _check_readable(path, name)
+    final = f"images/{sha256[:2]}/{sha256}{suffix or '.bin'}"
+    from django.core.files import File
+
+    written = None
+    if not default_storage.exists(final):
+        with open(path, "rb") as fh:
+            written = default_storage.save(final, File(fh, name=name))
+    try:
+        with transaction.atomic():
+            Image.objects.filter(project=project, sha256=sha256, state=ImageState.FAILED).delete()
+            image = Image.objects.create(
+                project=project, name=name, file=written or final, sha256=sha256, format=short_format(slide_format, name),
+                uploaded_by=user, state=ImageState.INGESTING, ingest_progress=0.0,
+            )
+            enqueue_ingest(image)
+    except BaseException:
+        if written:
+            default_storage.delete(written)
+        raise
+    return image
+
+
+def zipfile_magic(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == ZIP_MAGIC
+
+
+SHORT_FORMATS = {"aperio": "svs", "hamamatsu": "ndpi", "leica": "scn", "ventana": "bif", "philips": "tiff",
+                 "generic-tiff": "tiff", "mirax": "mrxs", "sakura": "svslide", "synthetic": "tiff"}
+
+
+def short_format(reader_format: str, name: str) -> str:
+    """A reader's format ("openslide:aperio", "tifffile:ome", "pillow:png") as a short file kind."""
+    kind = reader_format.split(":", 1)[-1].lower()
+    if reader_format.startswith("tifffile:"):
+        return "ome-tiff" if kind == "ome" else "tiff"
+    return SHORT_FORMATS.get(kind, kind)[:8] or Path(name).suffix.lstrip(".")[:8]

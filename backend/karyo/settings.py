@@ -10,6 +10,7 @@ import secrets
 from pathlib import Path
 
 import dj_database_url
+from PIL import Image as _PILImage
 
 from .env import ConfigError, env_bool, env_int, env_list, env_str, env_url
 
@@ -165,6 +166,9 @@ STORAGES = {
 
 # --- Uploads ---------------------------------------------------------------------------
 KARYO_MAX_IMAGE_PIXELS = env_int("KARYO_MAX_IMAGE_PIXELS", 100_000_000, minimum=1)
+# Pillow's decompression-bomb limit (89.5 M pixels by default) follows Karyo's, in every process
+# that loads these settings (web, workers): an image Karyo accepts is never refused by Pillow.
+_PILImage.MAX_IMAGE_PIXELS = KARYO_MAX_IMAGE_PIXELS
 KARYO_MAX_UPLOAD_BYTES = env_int("KARYO_MAX_UPLOAD_MB", 1024, minimum=1) * 1024 * 1024
 KARYO_MAX_ZIP_MEMBERS = env_int("KARYO_MAX_ZIP_MEMBERS", 10_000, minimum=1)
 # Slides (issue 11): chunked uploads up to this size; per-process caches of open slide readers and
