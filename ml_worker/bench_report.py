@@ -6,9 +6,9 @@ import math
 import os
 from typing import Any
 
-METRIC_KEYS = ("dice", "aji", "pq", "dsb_map")
-
 import numpy as np
+
+METRIC_KEYS = ("dice", "aji", "pq", "dsb_map")
 
 
 # ============================================================================ output

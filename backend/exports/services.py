@@ -28,7 +28,7 @@ from django.utils.dateparse import parse_date, parse_datetime
 
 from backend.common.errors import InvalidUpload, KaryoError
 from backend.common.jobs import enqueue_on_commit
-from backend.common.storage import read_bytes, read_label_map
+from backend.common.storage import read_label_map
 from backend.images.models import AnnotationStatus, Image
 from backend.images.pixels import tile_png
 from backend.projects.models import Project
