@@ -164,6 +164,18 @@ def test_training_defaults_are_stored_converted_and_checked_against_the_architec
     assert "valid: unet, pgunet_plus" in error["message"]
 
 
+def test_the_model_refuses_bogus_engine_settings_too(make_user):
+    """create_project, the Django admin and management commands go through Project.clean."""
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        create_project(name="Admin-made", created_by=make_user("alice"), al_strategy="bogus",
+                       training_defaults={"epochs": 0})
+    assert "valid: random, entropy" in info.value.message_dict["al_strategy"][0]
+    assert "epochs must be an integer from 1 to 10000" in info.value.message_dict["training_defaults"][0]
+    assert not Project.objects.filter(name="Admin-made").exists()
+
+
 def test_a_project_saved_with_bogus_settings_does_not_fail_the_annotation_that_crosses_the_threshold(make_user):
     """Rows written before the catalog checked them (or straight into the database)."""
     from backend.images.services import create_annotation
