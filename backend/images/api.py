@@ -11,9 +11,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from backend.common.errors import InvalidUpload
-from backend.projects.permissions import project_for, require_role
 from backend.common.storage import encode_png, read_label_map
 from backend.projects.models import Role
+from backend.projects.permissions import project_for, require_role
 
 from . import services
 from .models import Annotation, AnnotationSource, Image, Tile

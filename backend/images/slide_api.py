@@ -17,8 +17,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from backend.common.errors import Conflict, InvalidUpload
-from backend.projects.permissions import project_for, require_role
 from backend.projects.models import Role
+from backend.projects.permissions import project_for, require_role
 
 from . import uploads
 from .models import Image, ImageState, Upload

@@ -13,9 +13,9 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from backend.projects.permissions import method_role, project_for
 from backend.images.models import Tile
 from backend.images.pixels import tile_png
+from backend.projects.permissions import method_role, project_for
 
 from . import selectors, services
 from . import signing as tile_signing

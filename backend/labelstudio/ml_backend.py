@@ -2,8 +2,8 @@
 predictions; missing ones are queued on the gpu queue) and the Start Training button."""
 from __future__ import annotations
 
-from backend.common.errors import KaryoError
 from backend.common import jobs
+from backend.common.errors import KaryoError
 from backend.common.storage import read_label_map
 from backend.images.models import Tile
 from backend.ml.models import ModelVersion, Prediction, RunStatus, TrainingRun

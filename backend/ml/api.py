@@ -7,8 +7,8 @@ from rest_framework import generics, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from backend.projects.permissions import project_for, require_role
 from backend.projects.models import Role
+from backend.projects.permissions import project_for, require_role
 from backend.projects.services import ensure_not_archived
 from ml_worker import catalog
 

@@ -19,14 +19,14 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from backend.common.errors import KaryoError
-from backend.projects.permissions import project_for, require_role
 from backend.common.storage import read_label_map
-from backend.images.pixels import read_tile_rgb
 from backend.images.api import png_response, tile_for
 from backend.images.models import Annotation, AnnotationStatus
+from backend.images.pixels import read_tile_rgb
 from backend.images.rendering import overlay
 from backend.images.serializers import AnnotationSerializer
 from backend.projects.models import Role
+from backend.projects.permissions import project_for, require_role
 from backend.projects.selectors import role_of
 
 from . import editing, services
