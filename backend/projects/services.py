@@ -79,17 +79,18 @@ def assign_class_ids(*, classes: list[dict], previous: list[dict] | None = None)
 
 
 def removed_classes_in_use(*, project: Project, classes: list[dict]) -> list[str]:
-    """Names of the project's classes missing from ``classes`` that annotations still use."""
-    from backend.images.models import Annotation
+    """Names of the project's classes missing from ``classes`` that stored data still uses
+    (asked through ``signals.class_usage``: the images app answers for annotations)."""
+    from .signals import class_usage
 
     kept = {c["id"] for c in classes}
-    removed = [c for c in project.nucleus_classes if c["id"] not in kept]
+    removed = {c["id"] for c in project.nucleus_classes if c["id"] not in kept}
     if not removed:
         return []
     used: set[int] = set()
-    for mapping in Annotation.objects.filter(tile__project=project).exclude(classes={}).values_list("classes", flat=True):
-        used.update(int(v) for v in mapping.values())
-    return [c["name"] for c in removed if c["id"] in used]
+    for _receiver, answer in class_usage.send(sender=Project, project=project, class_ids=removed):
+        used |= set(answer or ())
+    return [c["name"] for c in project.nucleus_classes if c["id"] in used]
 
 
 def ensure_not_archived(*, project: Project) -> None:

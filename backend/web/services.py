@@ -20,7 +20,7 @@ from backend.common.storage import read_bytes, read_label_map
 from backend.images import services as image_services
 from backend.images.models import Annotation, AnnotationSource, AnnotationStatus, Image, Tile
 from backend.ml.models import ModelStatus, ModelVersion, Prediction, QueueEntry, RunStatus, TrainingRun
-from backend.projects.activity import member_activity
+from .activity import member_activity
 from backend.projects.models import Project, Role
 from ml_worker import catalog
 
@@ -162,7 +162,7 @@ def submit_edits(*, tile: Tile, user, data: dict) -> tuple[Annotation, editing.E
 def _record_submission(*, tile: Tile, user, annotation: Annotation, seconds: int | None) -> None:
     """The activity feed entry; its ``seconds`` add up to the member's time spent on the dashboard."""
     from backend.ml import events
-    from backend.projects.activity import SUBMITTED_EVENT
+    from .activity import SUBMITTED_EVENT
 
     project_id, name = tile.project_id, getattr(user, "username", "someone")
     transaction.on_commit(lambda: events.record(

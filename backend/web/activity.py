@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from django.db.models import Count, Q
 
-from .models import Membership, Project
+from backend.projects.models import Membership, Project
 
 SUBMITTED_EVENT = "annotation.submitted"
 
