@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 import zipfile
 from pathlib import Path
 
 from django.conf import settings
 
+from backend.common.archives import payload_members, reject_unsafe_members
 from backend.common.errors import InvalidUpload
-from backend.images.validation import _is_unsafe_member
 
 CHUNK = 1024 * 1024
 _STORED_SUFFIXES = (".png", ".jpg", ".jpeg", ".zip")
@@ -83,16 +82,8 @@ class ZipSink:
 
 def _members(archive: zipfile.ZipFile, label: str) -> list[zipfile.ZipInfo]:
     infos = archive.infolist()
-    unsafe = [i.filename for i in infos if _is_unsafe_member(i)]
-    if unsafe:
-        raise InvalidUpload(
-            f"{label}: archive paths escape the upload folder: {', '.join(unsafe[:10])}", code="unsafe_archive", details=unsafe
-        )
-    members = [
-        i for i in infos
-        if not i.is_dir() and not i.filename.startswith("__MACOSX/")
-        and not posixpath.basename(i.filename).startswith(".")
-    ]
+    reject_unsafe_members(infos, label=label)
+    members = payload_members(infos)
     if not members:
         raise InvalidUpload(f"{label}: the archive holds no files", code="empty_upload")
     if len(members) > settings.KARYO_MAX_ZIP_MEMBERS:
@@ -127,17 +118,22 @@ def extract_archive(source, dest: Path, *, label: str = "upload") -> Path:
         dest = Path(dest)
         for info in members:
             target = dest / info.filename.replace("\\", "/")
-            if not target.resolve().is_relative_to(dest.resolve()):  # belt and braces after _is_unsafe_member
+            if not target.resolve().is_relative_to(dest.resolve()):  # belt and braces after reject_unsafe_members
                 raise InvalidUpload(f"{label}: {info.filename} escapes the archive root", code="unsafe_archive")
-            target.parent.mkdir(parents=True, exist_ok=True)
             written = 0
             try:
+                # Inside the try: a member whose folder is also a file in the archive (or the other way
+                # round) is a corrupt upload, not a server error.
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(info) as src, open(target, "wb") as dst:
                     while chunk := src.read(CHUNK):
                         written += len(chunk)
                         if written > info.file_size:  # a member that lies about its size
                             raise InvalidUpload(f"{label}: {info.filename} is larger than its header says", code="corrupt_archive")
                         dst.write(chunk)
+            except (NotADirectoryError, IsADirectoryError, FileExistsError):
+                raise InvalidUpload(f"{label}: {info.filename} clashes with a file or folder of the same name",
+                                    code="corrupt_archive") from None
             except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
                 raise InvalidUpload(f"{label}: {info.filename} is corrupt ({exc})", code="corrupt_archive") from None
     return dataset_root(dest)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
-import stat
+import re
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ import tifffile
 from django.conf import settings
 from PIL import Image as PILImage
 
+from backend.common.archives import payload_members, reject_unsafe_members
 from backend.common.errors import InvalidUpload, UnsupportedFormat
 
 SUPPORTED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "TIFF": "tiff"}
@@ -56,6 +58,13 @@ def _check_pixels(name: str, width: int, height: int) -> None:
         )
 
 
+def align_pillow_limit() -> None:
+    """Pillow's own decompression-bomb limit follows KARYO_MAX_IMAGE_PIXELS (its default, 89.5 M
+    pixels, would refuse a 9500x9500 image that Karyo's 100 M limit accepts). Process-wide, and
+    re-applied on each decode so a changed setting takes effect."""
+    PILImage.MAX_IMAGE_PIXELS = settings.KARYO_MAX_IMAGE_PIXELS
+
+
 def to_rgb8(array: np.ndarray) -> np.ndarray:
     """Any 2-D/3-D image array -> (H, W, 3) uint8; 16-bit and float data are rescaled."""
     if array.ndim == 2:
@@ -85,6 +94,9 @@ def _decode_tiff(name: str, data: bytes) -> np.ndarray:
             page = tif.pages[0]
             # Checked from the header, before any pixel data is decompressed.
             _check_pixels(name, int(page.imagewidth), int(page.imagelength))
+            if int(getattr(page, "imagedepth", 1) or 1) > 1:
+                raise InvalidUpload(f"{name}: a volumetric TIFF ({page.imagedepth} planes deep) is not a 2-D image; "
+                                    "export one plane", code="unsupported_image")
             array = page.asarray()
     except InvalidUpload:
         raise
@@ -92,7 +104,14 @@ def _decode_tiff(name: str, data: bytes) -> np.ndarray:
         raise InvalidUpload(f"{name}: truncated or corrupt TIFF ({exc})", code="corrupt_image") from None
     if array.ndim == 3 and array.shape[0] <= 4 and array.shape[2] > 4:
         array = np.moveaxis(array, 0, -1)  # planar (C, H, W) -> (H, W, C)
-    return to_rgb8(array)
+    try:
+        return to_rgb8(array)
+    except ValueError:
+        # A volumetric (z-stack) or otherwise multi-dimensional page: not a 2-D image.
+        raise InvalidUpload(
+            f"{name}: a TIFF page of shape {tuple(array.shape)} is not a 2-D image (volumetric TIFFs are not supported; "
+            "export one plane)", code="unsupported_image",
+        ) from None
 
 
 def decode_image(name: str, data: bytes) -> DecodedImage:
@@ -102,12 +121,19 @@ def decode_image(name: str, data: bytes) -> DecodedImage:
     sha256 = hashlib.sha256(data).hexdigest()
     if data.startswith(TIFF_MAGICS):
         return DecodedImage(name=name, data=data, sha256=sha256, format="tiff", pixels=_decode_tiff(name, data))
+    align_pillow_limit()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             img = PILImage.open(io.BytesIO(data))
-    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
-        raise InvalidUpload(f"{name}: image dimensions exceed the pixel limit", code="image_too_large") from None
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as bomb:
+        # Pillow's limit is Karyo's (align_pillow_limit): the same refusal, with Pillow's pixel count.
+        counted = re.search(r"\((\d+) pixels\)", str(bomb))
+        pixels = f"{int(counted.group(1)):,} pixels" if counted else "its pixel count"
+        raise InvalidUpload(
+            f"{name}: {pixels} exceeds the limit of {settings.KARYO_MAX_IMAGE_PIXELS:,} "
+            "(cut the slide region smaller, or raise KARYO_MAX_IMAGE_PIXELS)", code="image_too_large",
+        ) from None
     except Exception:
         raise UnsupportedFormat(f"{name}: not a PNG, JPEG or TIFF image") from None
     if img.format not in SUPPORTED_FORMATS:
@@ -155,32 +181,11 @@ def decode_mask(name: str, data: bytes, *, width: int, height: int) -> np.ndarra
     return array.astype(np.int32)
 
 
-def _is_unsafe_member(info: zipfile.ZipInfo) -> bool:
-    name = info.filename.replace("\\", "/")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return True
-    if any(part == ".." for part in name.split("/")):
-        return True
-    mode = info.external_attr >> 16
-    return stat.S_ISLNK(mode)
-
-
-def read_zip(name: str, data: bytes) -> list[tuple[str, bytes]]:
-    """Safely list the image members of a zip upload; rejects the whole archive on any problem."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise InvalidUpload(f"{name}: not a valid zip archive", code="corrupt_archive") from None
+def _zip_members(name: str, archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """Every check that the central directory allows, before any member is read."""
     infos = archive.infolist()
-    unsafe = [i.filename for i in infos if _is_unsafe_member(i)]
-    if unsafe:
-        raise InvalidUpload(
-            f"{name}: archive paths escape the upload folder: {', '.join(unsafe[:10])}", code="unsafe_archive", details=unsafe
-        )
-    members = [
-        i for i in infos
-        if not i.is_dir() and not i.filename.startswith("__MACOSX/") and not posixpath.basename(i.filename).startswith(".")
-    ]
+    reject_unsafe_members(infos, label=name)
+    members = payload_members(infos)
     if not members:
         raise InvalidUpload(f"{name}: the archive holds no files", code="empty_upload")
     if len(members) > settings.KARYO_MAX_ZIP_MEMBERS:
@@ -194,27 +199,68 @@ def read_zip(name: str, data: bytes) -> list[tuple[str, bytes]]:
     total = sum(i.file_size for i in members)
     if total > settings.KARYO_MAX_UPLOAD_BYTES:
         raise InvalidUpload(f"{name}: the archive unpacks to {total:,} bytes, over the upload limit", code="archive_too_large")
+    paths = {i.filename.replace("\\", "/").rstrip("/") for i in members}
+    folders = {"/".join(p.split("/")[:depth]) for p in paths for depth in range(1, p.count("/") + 1)}
+    clashes = sorted(paths & folders)
+    if clashes:
+        raise InvalidUpload(f"{name}: a file and a folder share the path {', '.join(clashes[:10])}", code="corrupt_archive",
+                            details=clashes)
     names = [posixpath.basename(i.filename) for i in members]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InvalidUpload(f"{name}: duplicate file names in the archive: {', '.join(duplicates)}", code="duplicate_names")
-    out = []
-    for info in members:
+    return members
+
+
+def _read_member(name: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    try:
         with archive.open(info) as fh:
             # Bounded read: a member that lies about its size cannot exhaust memory.
             content = fh.read(info.file_size + 1)
-        if len(content) > info.file_size:
-            raise InvalidUpload(f"{name}: {info.filename} is larger than its header says", code="corrupt_archive")
-        out.append((posixpath.basename(info.filename), content))
-    return out
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError) as exc:
+        # A bad CRC, an unsupported compression method, a truncated member.
+        raise InvalidUpload(f"{name}: {info.filename} is corrupt ({exc})", code="corrupt_archive") from None
+    if len(content) > info.file_size:
+        raise InvalidUpload(f"{name}: {info.filename} is larger than its header says", code="corrupt_archive")
+    return content
 
 
-def decode_upload(name: str, data: bytes) -> list[DecodedImage]:
-    """One uploaded file -> the images it holds (a zip holds many). All-or-nothing."""
+def iter_zip(name: str, data: bytes) -> Iterator[tuple[str, bytes]]:
+    """The image members of a zip upload, one at a time: only one member's bytes are held at once.
+
+    The whole central directory is checked before this returns (eagerly, not on first use), so a
+    bad archive is refused before anything is read or stored.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise InvalidUpload(f"{name}: not a valid zip archive", code="corrupt_archive") from None
+    members = _zip_members(name, archive)
+
+    def members_one_by_one() -> Iterator[tuple[str, bytes]]:
+        with archive:
+            for info in members:
+                yield posixpath.basename(info.filename), _read_member(name, archive, info)
+
+    return members_one_by_one()
+
+
+def read_zip(name: str, data: bytes) -> list[tuple[str, bytes]]:
+    """Every image member of a zip upload in memory at once (small archives, tests); see iter_zip."""
+    return list(iter_zip(name, data))
+
+
+def decode_upload(name: str, data: bytes) -> Iterator[DecodedImage]:
+    """One uploaded file -> the images it holds (a zip holds many), decoded lazily one by one.
+
+    The consumer (``services.ingest_images``) stores each image before the next member is read
+    and decoded, inside one transaction: memory stays bounded by one image, and a bad member
+    still rolls the whole upload back. Checks that need no decoding run before this returns.
+    """
     if not data:
         raise InvalidUpload(f"{name}: the upload is empty", code="empty_upload")
     if len(data) > settings.KARYO_MAX_UPLOAD_BYTES:
         raise InvalidUpload(f"{name}: the upload exceeds {settings.KARYO_MAX_UPLOAD_BYTES:,} bytes", code="upload_too_large")
     if data.startswith(ZIP_MAGIC):
-        return [decode_image(member, content) for member, content in read_zip(name, data)]
-    return [decode_image(name, data)]
+        return (decode_image(member, content) for member, content in iter_zip(name, data))
+    return iter([decode_image(name, data)])
