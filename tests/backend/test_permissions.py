@@ -240,6 +240,51 @@ MATRIX.update({
 })
 
 
+# Slides (issue 11): chunked uploads are for project admins; slide pixels and the viewer's data for members.
+def image_kwargs(ctx):
+    return {"image_id": ctx["tile"].image_id}, None
+
+
+def fresh_upload(ctx, *, size: int = 10, parts: bytes | None = None):
+    from backend.images import uploads
+
+    upload = uploads.create_upload(project=ctx["project"], filename=f"u{next(_counter)}.png", size=size,
+                                   user=ctx["users"]["admin"])
+    if parts is not None:
+        import io
+
+        uploads.receive_part(upload=upload, n=0, stream=io.BytesIO(parts), content_length=len(parts))
+    return upload
+
+
+def upload_part_request(ctx):
+    from rest_framework.renderers import JSONRenderer
+
+    body = {"bytes": "0123456789"}  # the test client sends it JSON-encoded: that is the part
+    upload = fresh_upload(ctx, size=len(JSONRenderer().render(body)))
+    return {"upload_id": upload.pk, "n": 0}, body
+
+
+def completable_upload(ctx):
+    upload = fresh_upload(ctx, size=len(png := rgb_png(64, 64, seed=7000 + next(_counter))), parts=png)
+    return {"upload_id": upload.pk}, {}
+
+
+MATRIX.update({
+    "upload-create": {"post": Rule("admin", 201, lambda ctx: (project_kwargs(ctx)[0], {"filename": "s.svs", "size": 10}))},
+    "upload-detail": {"get": Rule("admin", 200, lambda ctx: ({"upload_id": fresh_upload(ctx).pk}, None))},
+    "upload-chunk": {"put": Rule("admin", 204, upload_part_request)},
+    # Local storage here: an admin gets past the role check to the 409 saying parts go to Karyo, not S3.
+    "upload-parts": {"post": Rule("admin", 409, lambda ctx: ({"upload_id": fresh_upload(ctx).pk}, {"parts": [0]}))},
+    "upload-complete": {"post": Rule("admin", 201, completable_upload)},
+    "slide-dzi": {"get": Rule("viewer", 200, image_kwargs)},
+    "slide-tile": {"get": Rule("viewer", 200, lambda ctx: ({**image_kwargs(ctx)[0], "level": 6, "col": 0, "row": 0}, None))},
+    "image-thumbnail": {"get": Rule("viewer", 200, image_kwargs)},
+    "slide-tiles": {"get": Rule("viewer", 200, image_kwargs)},
+    "slide-nuclei": {"get": Rule("viewer", 200, image_kwargs)},
+})
+
+
 def api_endpoints() -> list[tuple[str, str, list[str]]]:
     """(name, route, methods) for every named URL pattern under /api/."""
     found = []
