@@ -40,7 +40,6 @@ __all__ = [
     "SlideError",
     "SlideReader",
     "open_slide",
-    "decoded_cost",
     "write_pyramidal_tiff",
     "DEFAULT_MAX_PIXELS",
 ]
@@ -199,9 +198,12 @@ def _to_rgb8(a: np.ndarray) -> np.ndarray:
         a = a[..., None]
     s = a.shape[2]
     if s in (2, 4):
-        alpha = a[..., -1:].astype(np.float32) / 255.0
-        rgb = a[..., :-1].astype(np.float32) * alpha + BACKGROUND * (1 - alpha)
-        a = rgb.round().astype(np.uint8)
+        alpha = a[..., -1]
+        if alpha.min() == 255:  # the usual case inside a slide: no compositing, no float copy
+            a = a[..., :-1]
+        else:
+            al = alpha[..., None].astype(np.uint16)
+            a = ((a[..., :-1] * al + BACKGROUND * (255 - al) + 127) // 255).astype(np.uint8)
         s -= 1
     if s == 1:
         a = np.repeat(a, 3, axis=2)
@@ -461,12 +463,6 @@ def _inspect_tiff(path: str, name: str, max_pixels: int | None) -> Any:
         raise
 
 
-def decoded_cost(path: str | os.PathLike[str]) -> int:
-    """Decoded samples of all levels (width * height * samples * planes), from headers only."""
-    with open_slide(path, max_pixels=None) as r:
-        return sum(w * h * 3 for w, h in r.level_dimensions)
-
-
 def open_slide(
     path: str | os.PathLike[str],
     *,
@@ -679,6 +675,12 @@ def write_pyramidal_tiff(
             patch = field[max(cy0 - 1, 0) : cy1, max(cx0 - 1, 0) : cx1]
             if patch.max() <= -1.0:
                 continue
+            tex = bank[int(rng.integers(len(bank)))]
+            oy, ox = rng.integers(0, tex.shape[0] - tile + 1, 2)
+            t = np.rot90(tex[oy : oy + tile, ox : ox + tile], int(rng.integers(4)))
+            if patch.min() >= 0.0:  # well inside tissue: alpha is 1 everywhere
+                row[:, x0 : x0 + tile] = t
+                continue
             from scipy import ndimage as ndi
 
             yy = (np.arange(y0, y0 + tile) + 0.5) / cell - 0.5 - max(cy0 - 1, 0)
@@ -687,9 +689,6 @@ def write_pyramidal_tiff(
             alpha = np.clip(ndi.map_coordinates(patch, [gy, gx], order=1, mode="nearest") + 1.0, 0, 1)
             if alpha.max() <= 0:
                 continue
-            tex = bank[int(rng.integers(len(bank)))]
-            oy, ox = rng.integers(0, tex.shape[0] - tile + 1, 2)
-            t = np.rot90(tex[oy : oy + tile, ox : ox + tile], int(rng.integers(4)))
             a = alpha[..., None]
             row[:, x0 : x0 + tile] = (a * t + (1 - a) * background).round().astype(np.uint8)
         return row

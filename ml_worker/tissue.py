@@ -109,7 +109,10 @@ def tile_tissue_fractions(
 
 def tissue_from_reader(reader: SlideReader, *, max_side: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
     """Tissue mask of a whole slide from its thumbnail; returns (mask, (dx, dy)) with the
-    level-0 pixels per mask pixel along x and y."""
-    thumb = reader.thumbnail(max_side)
+    level-0 pixels per mask pixel along x and y.
+
+    The mask is at most ``max_side`` px a side and never finer than 1 px per 8 level-0 px
+    (32 mask px across a 256-px tile is plenty), so small slides are not read at level 0."""
     W, H = reader.dimensions
+    thumb = reader.thumbnail(max(1, min(max_side, math.ceil(max(W, H) / 8))))
     return tissue_mask(thumb), (W / thumb.shape[1], H / thumb.shape[0])

@@ -107,6 +107,11 @@ def test_read_at_mpp_reads_the_finer_level_and_resamples(slide_path):
         assert at_075.shape == (100, 100, 3)
         assert np.abs(at_075.astype(float) - expected).mean() < 8
         assert r.best_level_for_downsample(3.0) == 1 and r.best_level_for_downsample(0.5) == 0
+        # Finer than level 0 (0.125 um/px): level 0 upsampled, 50 level-0 px -> 100 px.
+        up = r.read_at_mpp(1000, 800, 100, 100, mpp=0.125)
+        small = r.read_region(1000, 800, 50, 50, level=0)
+        expected = np.asarray(Image.fromarray(small).resize((100, 100), Image.Resampling.BILINEAR)).astype(float)
+        assert up.shape == (100, 100, 3) and np.abs(up.astype(float) - expected).mean() < 4
 
 
 def test_thumbnail_keeps_the_aspect_ratio(slide_path):
