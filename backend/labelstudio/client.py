@@ -144,14 +144,20 @@ class LabelStudioClient:
             kwargs["query"] = json.dumps({"filters": {"conjunction": "and", "items": [
                 {"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime", "value": value}
             ]}})
-        pager = self._call("list tasks", self.sdk.tasks.list, **kwargs)
-        iterator = iter(pager)
+        # Page by page, stopping at the total Label Studio reports: the SDK's pager asks for one
+        # page past the last, which Label Studio answers with 404 "Invalid page" and a traceback
+        # in its console for every reconcile (issue 14, rough edge 9).
+        page, seen = 1, 0
         while True:
-            try:
-                task = self._call("list tasks", next, iterator)
-            except StopIteration:
+            pager = self._call("list tasks", self.sdk.tasks.list, page=page, **kwargs)
+            items = list(pager.items or [])
+            for task in items:
+                yield LSTask(id=int(task.id), data=dict(task.data or {}), updated_at=_dt(task.updated_at))
+            seen += len(items)
+            total = getattr(pager.response, "total", None)
+            if len(items) < kwargs["page_size"] or (total is not None and seen >= total):
                 return
-            yield LSTask(id=int(task.id), data=dict(task.data or {}), updated_at=_dt(task.updated_at))
+            page += 1
 
     def update_task_data(self, task_id: int, data: dict) -> None:
         self._call("update a task", self.sdk.tasks.update, id=str(task_id), data=data)

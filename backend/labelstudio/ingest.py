@@ -122,20 +122,27 @@ def ingest_annotations(*, link: LabelStudioLink, annotation_ids=(), deleted_ids=
 
 
 def reconcile(*, link: LabelStudioLink, client: LabelStudioClient) -> dict:
-    """Pull every annotation of tasks changed since the last reconcile (a missed webhook, or
-    Label Studio was unreachable): store new states, withdraw deleted ones."""
+    """Pull the annotations of tasks changed since the last reconcile (a missed webhook, or
+    Label Studio was unreachable): store new states, withdraw deleted ones.
+
+    Incremental twice over: Label Studio lists only tasks updated after the project's watermark
+    (minus a small overlap for clock skew), and of those only the ones whose ``updated_at``
+    differs from what this reconcile saw last time (``TaskLink.ls_updated_at``) have their
+    annotations read. Without the second check every task inside the overlap window was read
+    again on every pass, and the watermark never moved past them."""
     since = link.reconciled_until - RECONCILE_OVERLAP if link.reconciled_until else None
     newest = link.reconciled_until
     tasks = {t.ls_task_id: t for t in TaskLink.objects.filter(link=link)}
-    stored = deleted = seen = 0
+    stored = deleted = seen = listed = 0
     users: dict = {}
     for ls_task in client.list_tasks(link.ls_project_id, updated_after=since):
-        seen += 1
+        listed += 1
         if ls_task.updated_at and (newest is None or ls_task.updated_at > newest):
             newest = ls_task.updated_at
         task = tasks.get(ls_task.id)
-        if task is None:
+        if task is None or (ls_task.updated_at is not None and task.ls_updated_at == ls_task.updated_at):
             continue
+        seen += 1
         present = client.list_annotations(ls_task.id)
         for annotation in present:
             _, created = ingest_annotation(link=link, client=client, annotation=annotation, users=users)
@@ -144,8 +151,9 @@ def reconcile(*, link: LabelStudioLink, client: LabelStudioClient) -> dict:
             ls_annotation_id__in=[a.id for a in present]
         ).values_list("ls_annotation_id", flat=True)
         deleted += mark_deleted(link=link, ls_annotation_ids=list(gone))
+        TaskLink.objects.filter(pk=task.pk).update(ls_updated_at=ls_task.updated_at)
     if newest != link.reconciled_until:
         link.reconciled_until = newest
         link.save(update_fields=["reconciled_until"])
-    return {"tasks_changed": seen, "stored": stored, "deleted": deleted}
+    return {"tasks_changed": seen, "tasks_listed": listed, "stored": stored, "deleted": deleted}
 

@@ -41,6 +41,9 @@ class TaskLink(models.Model):
     tile = models.ForeignKey(Tile, on_delete=models.CASCADE, related_name="+")
     ls_task_id = models.PositiveIntegerField()
     url_signed_at = models.DateTimeField(help_text="When the image URL in the task data was signed.")
+    ls_updated_at = models.DateTimeField(
+        null=True, blank=True, help_text="The task's updated_at in Label Studio when the reconcile last read its annotations."
+    )
 
     class Meta:
         constraints = [
