@@ -449,3 +449,58 @@ def test_a_worker_ingests_a_slide_with_progress_events_and_predicts_it_in_chunks
     assert slide_events and max(e["done"] for e in slide_events) == total
     body = client.get(f"/api/images/{image_id}/nuclei/", {"x": 0, "y": 0, "w": SLIDE_W, "h": SLIDE_H}).json()
     assert body["source"] in ("prediction", None)
+
+
+# --- S3 storage: multipart upload with presigned part URLs ------------------------------------------
+
+def test_with_s3_storage_parts_go_to_presigned_urls_and_the_slide_ingests_from_the_bucket(
+    slide_project, api, slide_path, s3_storage, monkeypatch
+):
+    import urllib.request
+
+    monkeypatch.setattr(uploads, "CHUNK_SIZE", 5 * 1024 * 1024)  # S3's minimum part size
+    data = slide_path.read_bytes()  # one part (the last part of an upload may be shorter than 5 MiB)
+    client = api("admin")
+    body = start(client, slide_project, "generated.svs", len(data)).json()
+    assert body["mode"] == "s3"
+    count = -(-len(data) // body["chunk_size"])
+    urls = client.post(f"/api/uploads/{body['id']}/parts/", {"parts": list(range(count))}, format="json").json()["urls"]
+    etags = []
+    for n in range(count):
+        request = urllib.request.Request(urls[str(n)], data=data[n * body["chunk_size"] : (n + 1) * body["chunk_size"]],
+                                         method="PUT", headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            etags.append({"n": n, "etag": response.headers["ETag"]})
+    assert client.get(f"/api/uploads/{body['id']}/").json()["received"] == list(range(count))
+    done = client.post(f"/api/uploads/{body['id']}/complete/", {"parts": etags}, format="json")
+    assert done.status_code == 201, done.content
+    assert finish_ingest() == ["ready"]
+    image = Image.objects.get(project=slide_project)
+    assert image.kind == "slide" and image.tiles_kept > 0 and image.file.name.startswith("images/")
+    assert not [n for n in stored_names() if n.startswith("uploads/")]
+    assert api("viewer").get(f"/api/images/{image.pk}/slide.dzi").status_code == 200
+
+
+# --- the management command ---------------------------------------------------------------------------
+
+def test_import_images_stores_a_folder_of_slides_and_reports_tiles_kept(slide_project, slide_path, tmp_path):
+    import shutil
+
+    from django.core.management import CommandError, call_command
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(slide_path, folder / "a.svs")
+    (folder / "notes.tif").write_bytes(b"not a slide at all")
+    out = io.StringIO()
+    err = io.StringIO()
+    with pytest.raises(CommandError, match="1 file"):
+        call_command("import_images", str(folder), "--project", slide_project.name, "--inline", stdout=out, stderr=err)
+    image = Image.objects.get(project=slide_project)
+    assert image.state == "ready" and image.name == "a.svs"
+    assert f"a.svs: ready, {image.tiles_kept} of {image.tiles_grid} tiles kept" in out.getvalue()
+    assert "skipped" in err.getvalue() and "notes.tif" in err.getvalue()
+    with pytest.raises(CommandError, match="1 file"):
+        call_command("import_images", str(folder / "a.svs"), "--project", slide_project.name, "--inline",
+                     stdout=out, stderr=err)
+    assert "already in the project" in err.getvalue()
