@@ -1,8 +1,8 @@
 """What the browser's correction workspace sends and receives: pure numpy, no Django.
 
-Out (``editor_regions``): one Label Studio ``polygonlabels`` region per nucleus part, with the
-region ids of :mod:`backend.labelstudio.geometry` (``n<label>``, ``n<label>p<part>``). The
-outlines are traced once per part and simplified to about one pixel: a 512x512 tile with 300
+Out (``editor_regions``): one Label Studio ``polygonlabels`` region per nucleus piece, with the
+region ids of the geometry codec :mod:`backend.common.geometry` (``k<label>p<piece>``). The
+outlines are traced once per piece and simplified to about one pixel: a 512x512 tile with 300
 nuclei then holds ~8 points per nucleus instead of ~20, and Label Studio's editor (one MobX
 node per point) opens it about twice as fast. They are for *display and editing* only.
 
@@ -11,7 +11,7 @@ nuclei they added, reshaped or relabelled, the nuclei they deleted, and the grou
 merged — and the server applies that to the label map the editor was opened from. Nuclei
 nobody touched keep their pixels exactly (their simplified outline is never rasterised), and
 every polygon that *is* rasterised goes through the one rasterisation rule shared with the
-Label Studio sync (:func:`backend.labelstudio.geometry.rasterize_polygon`).
+Label Studio sync (:func:`backend.common.geometry.rasterize_polygon`).
 
 Splitting a merged pair: draw an outline over one half; later outlines win where they
 overlap, so that half becomes a new nucleus and the rest keeps the old id. Merging fragments:
@@ -20,14 +20,10 @@ select them and merge; they become one instance id.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from xml.sax.saxutils import quoteattr
 
 import numpy as np
-from scipy import ndimage
-from skimage.measure import find_contours
 
-from backend.labelstudio import geometry
-from backend.labelstudio.conversions import IMAGE, POLYGONS
+from backend.common import geometry
 
 DISPLAY_TOLERANCE = 0.8  # pixels: the outline deviates at most this much from the traced one
 MAX_REGIONS = 20_000
@@ -41,72 +37,18 @@ class EditError(ValueError):
 def editor_config(nucleus_classes: list[dict]) -> str:
     """Label Studio config of the embedded editor: the tile and one polygon label per class
     (no brush layer: thousands of brush masks are what freezes the browser)."""
-    labels = "\n".join(
-        f"    <Label value={quoteattr(c['name'])} background={quoteattr(c['color'])}/>" for c in nucleus_classes
-    )
-    return (
-        "<View>\n"
-        f'  <Image name="{IMAGE}" value="${IMAGE}" zoom="true" zoomControl="true" rotateControl="false"/>\n'
-        f'  <PolygonLabels name="{POLYGONS}" toName="{IMAGE}" strokeWidth="1" pointSize="small" opacity="0.3">\n'
-        f"{labels}\n"
-        "  </PolygonLabels>\n"
-        "</View>\n"
-    )
-
-
-def _outline(component: np.ndarray, x0: int, y0: int) -> np.ndarray | None:
-    """Simplified closed outline (N, 2) in tile pixels (x, y) of one boolean component window."""
-    import cv2
-
-    filled = ndimage.binary_fill_holes(component)
-    contours = find_contours(np.pad(filled, 1).astype(np.float32), 0.5, fully_connected="low")
-    if not contours:
-        return None
-    outer = max(contours, key=len)
-    # find_contours: (row, col) in the padded window with pixel centres at integers.
-    xy = np.stack([outer[:, 1] - 1 + 0.5 + x0, outer[:, 0] - 1 + 0.5 + y0], axis=1)
-    simplified = cv2.approxPolyDP(xy.astype(np.float32).reshape(-1, 1, 2), DISPLAY_TOLERANCE, True).reshape(-1, 2)
-    if len(simplified) < 3:
-        simplified = xy[:-1] if np.allclose(xy[0], xy[-1]) else xy
-    return simplified.astype(np.float64)
+    return geometry.labeling_config([(c["name"], c["color"]) for c in nucleus_classes])
 
 
 def editor_regions(instances: np.ndarray, *, classes: dict | None, nucleus_classes: list[dict]) -> list[dict]:
-    """Label Studio ``polygonlabels`` results, one per 4-connected part of every nucleus,
-    largest first (a nucleus inside another's hole is drawn on top)."""
-    instances = np.asarray(instances)
-    height, width = instances.shape
+    """Label Studio ``polygonlabels`` results, one per 4-connected piece of every nucleus (holes
+    filled), larger first (a nucleus inside another's hole is drawn on top); outlines within
+    ``DISPLAY_TOLERANCE`` of the exact ones."""
     names = {c["id"]: c["name"] for c in nucleus_classes}
     default = nucleus_classes[0]["name"]
-    regions: list[tuple[float, dict]] = []
-    for index, box in enumerate(ndimage.find_objects(instances.astype(np.int64))):
-        if box is None:
-            continue
-        label = index + 1
-        rows, cols = box
-        parts, count = ndimage.label(instances[box] == label)
-        sizes = ndimage.sum_labels(np.ones_like(parts), parts, index=np.arange(1, count + 1)) if count > 1 else [1]
-        # The largest part keeps the plain id n<label>: it is the nucleus; others are extra parts.
-        order = np.argsort(-np.asarray(sizes)) + 1 if count > 1 else [1]
-        for rank, part in enumerate(order):
-            points = _outline(parts == part, cols.start, rows.start)
-            if points is None:
-                continue
-            class_id = (classes or {}).get(str(label))
-            region = geometry.Region(label, rank, points, geometry.to_percent(points, width, height))
-            area = float((parts == part).sum())
-            regions.append((area, {
-                "id": geometry.region_id(region),
-                "type": "polygonlabels",
-                "from_name": POLYGONS,
-                "to_name": IMAGE,
-                "original_width": width,
-                "original_height": height,
-                "image_rotation": 0,
-                "value": {"points": region.percent, "closed": True, "polygonlabels": [names.get(class_id, default)]},
-            }))
-    regions.sort(key=lambda item: -item[0])
-    return [r for _, r in regions]
+    return geometry.polygon_results(
+        instances, class_of=lambda label: names.get((classes or {}).get(str(label)), default), simplify=DISPLAY_TOLERANCE
+    )
 
 
 @dataclass
@@ -145,9 +87,10 @@ def apply_edits(
 ) -> EditResult:
     """The base label map with the browser's edits applied (see the module docstring).
 
-    ``regions``: Label Studio polygon results of every nucleus that changed (all parts of it)
-    and of every new outline, in drawing order. A region id ``n<label>``/``n<label>p<k>`` of a
-    nucleus in ``base`` replaces that nucleus; any other id is a new nucleus.
+    ``regions``: Label Studio polygon results of every nucleus that changed (all pieces of it)
+    and of every new outline, in drawing order. A region id ``k<label>p<piece>`` (or the older
+    ``n<label>``/``n<label>p<k>``) of a nucleus in ``base`` replaces that nucleus; any other id
+    is a new nucleus.
     ``deleted``: instance ids (or region ids) removed. ``merges``: groups of region ids that
     become one nucleus (the first's id).
     """

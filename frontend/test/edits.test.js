@@ -6,7 +6,9 @@ const poly = (id, points, label = "nucleus") => ({ id, type: "polygonlabels", fr
 const square = (x, y, s = 2) => [[x, y], [x + s, y], [x + s, y + s], [x, y + s]];
 
 describe("region ids", () => {
-  it("reads the instance id of n<label> and n<label>p<part>, with Label Studio's #suffix", () => {
+  it("reads the instance id of k<label>p<piece>, and of older n<label> and n<label>p<part>, with Label Studio's #suffix", () => {
+    expect(labelOf("k12p1")).toBe(12);
+    expect(labelOf("k12p3#karyo-1")).toBe(12);
     expect(labelOf("n12")).toBe(12);
     expect(labelOf("n12p1")).toBe(12);
     expect(labelOf("n7#karyo-3")).toBe(7);

@@ -31,7 +31,8 @@ from backend.common.storage import encode_png, read_label_map
 from backend.images.models import Annotation, AnnotationSource, AnnotationStatus, Tile
 from backend.images.services import create_annotation, ingest_images
 from backend.images.validation import decode_upload
-from backend.labelstudio import geometry, services
+from backend.common import geometry
+from backend.labelstudio import services
 from backend.labelstudio.client import LabelStudioClient
 from backend.labelstudio.embedded import label_studio_home
 from backend.labelstudio.models import AnnotationSync, LabelStudioLink, TaskLink

@@ -20,8 +20,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from scipy import ndimage as ndi
 
-from . import BaseWriter, ClassDef, Dataset, ExportSample, Labels, SourceItem, find_images, manifest_classes, palette_color, problem
-from .geometry import instance_parts, paint, polygons_shape
+from .base import BaseWriter, ClassDef, Dataset, ExportSample, Labels, SourceItem, find_images, manifest_classes, palette_color, problem
+from backend.common.geometry import instance_parts, paint, polygons_shape
 
 NAME = "coco"
 
@@ -78,7 +78,7 @@ def _segmentation_mask(segmentation, height: int, width: int, where: str):
         if not rings:
             raise problem(where, "empty segmentation")
         # The polygons of one COCO object are a union (no holes): each is its own polygon.
-        return polygons_shape([[ring] for ring in rings], height, width)
+        return polygons_shape([[ring] for ring in rings], height, width, rule="coco")
     if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         if [int(v) for v in segmentation["size"]] != [height, width]:
             raise problem(where, f"RLE size {segmentation['size']} is not the image size [{height}, {width}]")

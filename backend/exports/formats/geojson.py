@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from . import BaseWriter, ClassDef, Dataset, ExportSample, Labels, SourceItem, find_images, hex_to_rgb, manifest_classes, problem, rgb_to_hex
-from .geometry import instance_parts, paint, polygons_shape
+from .base import BaseWriter, ClassDef, Dataset, ExportSample, Labels, SourceItem, find_images, hex_to_rgb, manifest_classes, problem, rgb_to_hex
+from backend.common.geometry import instance_parts, paint, polygons_shape
 
 NAME = "geojson"
 OBJECT_TYPES = ("annotation", "detection")
@@ -120,7 +120,7 @@ def features_to_labels(features: list, height: int, width: int, where: str) -> L
             geometry = properties.get("nucleusGeometry") or geometry
         elif kind not in OBJECT_TYPES:
             continue
-        origin, crop = polygons_shape(_geometry_polygons(geometry, label), height, width)
+        origin, crop = polygons_shape(_geometry_polygons(geometry, label), height, width, rule="coco")
         if not crop.any():
             continue
         instance = len(shapes) + 1

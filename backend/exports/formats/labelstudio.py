@@ -8,79 +8,43 @@ the default prefix ``/data/local-files/?d=`` fits Label Studio's local file stor
 archive is unpacked in ``LOCAL_FILES_DOCUMENT_ROOT`` (pass ``image_url_prefix`` to change it).
 
 Each task has one annotation whose ``result`` holds one ``polygonlabels`` region per nucleus
-piece: points in percent of the image size, as Label Studio stores them. Polygons cannot have
-holes (filled on export). Region ids ``k<instance>p<piece>`` let the importer put the pieces of
-one nucleus back together; any other region is one nucleus.
+piece: points in percent of the image size, as Label Studio stores them, on pixel corners (the
+outline along the pixel edges, every corner kept). Polygons cannot have holes (filled on
+export). Region ids ``k<instance>p<piece>`` (and ``n<instance>[p<k>]`` from Karyo's Label Studio
+projects) let the importer put the pieces of one nucleus back together; any other region is one
+nucleus. Polygons are read with the pixel-centre rule Karyo's Label Studio sync uses, so a task
+reads the same whether it arrives through the sync or through an import. The geometry is
+:mod:`backend.common.geometry`.
 """
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
-from xml.sax.saxutils import quoteattr
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from . import BaseWriter, ClassDef, Dataset, ExportSample, Labels, SourceItem, find_images, manifest_classes, palette_color, problem
-from .geometry import instance_parts, paint, polygons_shape
+from backend.common import geometry
+from .base import BaseWriter, ClassDef, Dataset, ExportSample, Labels, SourceItem, find_images, manifest_classes, palette_color, problem
 
 NAME = "labelstudio"
-# The names Karyo's Label Studio integration uses too, so exported tasks fit its projects.
-FROM_NAME, TO_NAME = "nuclei", "image"
 DEFAULT_PREFIX = "/data/local-files/?d="
-_SQUARE = np.ones((3, 3), bool)
-_KARYO_REGION = re.compile(r"^k(\d+)p(\d+)$")
 _REGION_TYPES = {"rectanglelabels", "ellipselabels", "keypointlabels", "brushlabels", "polygonlabels", "rectangle",
                  "ellipse", "keypoint", "brush", "polygon"}
 
 
-def label_config(classes: list[ClassDef]) -> str:
-    labels = "\n".join(f"    <Label value={quoteattr(c.name)} background={quoteattr(c.color)}/>" for c in classes)
-    return (
-        "<View>\n"
-        f'  <Image name="{TO_NAME}" value="$image" zoom="true" zoomControl="true"/>\n'
-        f'  <PolygonLabels name="{FROM_NAME}" toName="{TO_NAME}" strokeWidth="1" pointSize="small" opacity="0.4">\n'
-        f"{labels}\n"
-        "  </PolygonLabels>\n"
-        "</View>\n"
-    )
-
-
 def instances_to_results(instances: np.ndarray, classes: dict[int, int], class_names: dict[int, str]) -> list[dict]:
-    """Instance map -> Label Studio ``polygonlabels`` results (holes filled)."""
-    height, width = instances.shape
-    results = []
-    for index, slc in enumerate(ndi.find_objects(instances), start=1):
-        if slc is None:
-            continue
-        # Holes (background enclosed, 8-connected) are filled: pieces inside them disappear too.
-        filled = ndi.binary_fill_holes(instances[slc] == index, structure=_SQUARE)
-        parts = instance_parts(filled, offset=(slc[1].start, slc[0].start))
-        for piece, part in enumerate(parts, start=1):
-            points = [[100.0 * float(x) / width, 100.0 * float(y) / height] for x, y in part.outer.tolist()]
-            results.append({
-                "id": f"k{index}p{piece}",
-                "type": "polygonlabels",
-                "from_name": FROM_NAME,
-                "to_name": TO_NAME,
-                "original_width": int(width),
-                "original_height": int(height),
-                "image_rotation": 0,
-                "value": {"points": points, "closed": True, "polygonlabels": [class_names[classes[index]]]},
-            })
-    return results
-
-
-def _snap(values: np.ndarray) -> np.ndarray:
-    """Percent -> pixels loses a few ulps; snap what is within 1e-6 of a whole pixel."""
-    rounded = np.round(values)
-    return np.where(np.abs(values - rounded) < 1e-6, rounded, values)
+    """Instance map -> Label Studio ``polygonlabels`` results (holes filled), in instance order: the
+    reader numbers nuclei in the order of their first region, so export -> import keeps the ids."""
+    return geometry.polygon_results(instances, class_of=lambda label: class_names[classes[label]], simplify="none",
+                                    order="instance")
 
 
 def results_to_labels(results: list[dict], height: int, width: int, where: str) -> Labels:
-    """Label Studio results of one annotation -> instance map (ids in order of first region)."""
+    """Label Studio results of one annotation -> instance map (ids in order of first region).
+
+    Where regions overlap the smaller *piece* wins, so a nucleus lying in another's filled hole
+    survives even when its other pieces make it larger in total."""
     groups: dict[str, list] = {}
     names: dict[str, str | None] = {}
     for region in results:
@@ -101,22 +65,23 @@ def results_to_labels(results: list[dict], height: int, width: int, where: str) 
             raise problem(where, f"region {region.get('id')!r} has no valid points") from None
         if len(points) < 3:
             raise problem(where, f"region {region.get('id')!r} has fewer than 3 points")
-        pixels = np.stack([_snap(points[:, 0] * width / 100.0), _snap(points[:, 1] * height / 100.0)], axis=1)
-        match = _KARYO_REGION.match(str(region.get("id", "")))
-        key = f"k{match.group(1)}" if match else f"r{len(groups)}:{region.get('id')}"
+        pixels = geometry.from_percent(points, width, height)
+        instance = geometry.label_from_region_id(str(region.get("id", "")))
+        key = f"k{instance}" if instance is not None else f"r{len(groups)}:{region.get('id')}"
         groups.setdefault(key, []).append([pixels])
         labels = value.get("polygonlabels") or value.get("labels") or []
         names.setdefault(key, str(labels[0]) if labels else None)
-    shapes, classes = [], {}
+    shapes, classes, instance = [], {}, 0
     for key, polygons in groups.items():
-        origin, crop = polygons_shape(polygons, height, width)
-        if not crop.any():
+        pieces = [geometry.polygons_shape([polygon], height, width, rule="centre") for polygon in polygons]
+        pieces = [(origin, crop) for origin, crop in pieces if crop.any()]
+        if not pieces:
             continue
-        instance = len(shapes) + 1
-        shapes.append((instance, origin, crop))
+        instance += 1
+        shapes += [(instance, origin, crop) for origin, crop in pieces]
         if names[key] is not None:
             classes[instance] = names[key]
-    return Labels(instances=paint(shapes, height, width), classes=classes)
+    return Labels(instances=geometry.paint(shapes, height, width), classes=classes)
 
 
 class Writer(BaseWriter):
@@ -152,7 +117,7 @@ class Writer(BaseWriter):
         out["count"] += 1
 
     def close(self) -> None:
-        self.sink.write("label_config.xml", label_config(self.classes))
+        self.sink.write("label_config.xml", geometry.labeling_config([(c.name, c.color) for c in self.classes]))
         if not self.files:
             self.sink.write("tasks.json", "[]\n")
         for split, out in self.files.items():

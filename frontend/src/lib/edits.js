@@ -1,6 +1,7 @@
 // What the correction workspace sends on submit: only what changed (see backend/web/editing.py).
 //
-// The editor opens polygons with ids n<label> (and n<label>p<k> for extra parts of a nucleus).
+// The editor opens polygons with ids k<label>p<piece> (backend/common/geometry.py; the n<label>
+// and n<label>p<k> ids of older tasks are read too).
 // On submit we compare the editor's regions with those it opened:
 //   * a nucleus whose parts all disappeared          -> `deleted`
 //   * a nucleus with a part reshaped, relabelled, added or removed -> all its current parts in `regions`
@@ -8,7 +9,7 @@
 //   * merge groups (region ids)                      -> `merges`
 // Untouched nuclei are not sent: the server keeps their pixels exactly.
 
-const REGION_ID = /^n(\d+)(?:p(\d+))?$/;
+const REGION_ID = /^[kn](\d+)(?:p(\d+))?$/;
 
 export function labelOf(regionId) {
   const match = REGION_ID.exec(String(regionId ?? "").replace(/#.*$/, ""));
