@@ -37,7 +37,7 @@ from .ingest import enqueue_ingest
 from .models import Image, ImageState, Upload, UploadState
 
 log = logging.getLogger(__name__)
-CHUNK_SIZE = 8 * 1024 * 1024  # >= S3's 5 MiB minimum part size
+S3_MIN_PART = 5 * 1024 * 1024  # S3's minimum size of every part but the last
 BLOCK = 1024 * 1024
 ZIP_MAGIC = b"PK\x03\x04"
 MULTI_FILE_FORMATS = {".mrxs": "MIRAX (.mrxs) slides are a file plus a folder of the same name",
@@ -79,8 +79,12 @@ def create_upload(*, project: Project, filename: str, size: int, user) -> Upload
     if size > max_upload_bytes():
         raise InvalidUpload(f"{name}: {size:,} bytes exceeds the upload limit of {max_upload_bytes():,} bytes",
                             code="upload_too_large")
-    upload = Upload.objects.create(project=project, filename=name, size=size, chunk_size=CHUNK_SIZE,
-                                   mode=storage_mode(), created_by=user)
+    mode = storage_mode()
+    chunk_size = int(settings.KARYO_UPLOAD_CHUNK_BYTES)
+    if mode == "s3":
+        chunk_size = max(chunk_size, S3_MIN_PART)
+    upload = Upload.objects.create(project=project, filename=name, size=size, chunk_size=chunk_size, mode=mode,
+                                   created_by=user)
     if upload.mode == "s3":
         client, bucket = _s3()
         upload.s3_key = f"uploads/{upload.pk}/{name}"

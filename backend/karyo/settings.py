@@ -174,6 +174,7 @@ KARYO_MAX_ZIP_MEMBERS = env_int("KARYO_MAX_ZIP_MEMBERS", 10_000, minimum=1)
 # Slides (issue 11): chunked uploads up to this size; per-process caches of open slide readers and
 # decoded tiles (backend/images/pixels.py); tiles per prediction chunk (one Celery task each).
 KARYO_MAX_SLIDE_BYTES = env_int("KARYO_MAX_SLIDE_MB", 20 * 1024, minimum=1) * 1024 * 1024
+KARYO_UPLOAD_CHUNK_BYTES = env_int("KARYO_UPLOAD_CHUNK_BYTES", 8 * 1024 * 1024, minimum=64 * 1024)
 KARYO_SLIDE_READERS = env_int("KARYO_SLIDE_READERS", 16, minimum=1)
 KARYO_TILE_CACHE_MB = env_int("KARYO_TILE_CACHE_MB", 256, minimum=1)
 KARYO_PREDICT_CHUNK_TILES = env_int("KARYO_PREDICT_CHUNK_TILES", 256, minimum=1)
@@ -290,6 +291,17 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Distinct names for choice sets that share a field name (`--fail-on-warn` refuses collisions).
+    "ENUM_NAME_OVERRIDES": {
+        "AnnotationSourceEnum": "backend.images.models.AnnotationSource",
+        "NucleusSourceEnum": ["annotation", "prediction"],
+        "MixedNucleusSourceEnum": ["annotation", "prediction", "mixed"],
+    },
+    # Every operation documents the error shape (backend.common.schema adds 400/401/403/404/413/429/500).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "backend.common.schema.document_errors",
+    ],
 }
 
 AUTH_PASSWORD_VALIDATORS = [

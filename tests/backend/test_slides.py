@@ -40,11 +40,11 @@ def slide_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def small_parts(monkeypatch):
-    """256 KiB parts so a test slide of ~1-2 MB arrives in several (S3 would need 5 MiB)."""
+def small_parts(settings):
+    """256 KiB parts so a test slide of ~1-2 MB arrives in several (S3 mode raises it to 5 MiB)."""
     from backend.images import pixels
 
-    monkeypatch.setattr(uploads, "CHUNK_SIZE", PART)
+    settings.KARYO_UPLOAD_CHUNK_BYTES = PART
     pixels.clear_caches()
     yield
     pixels.clear_caches()
@@ -454,15 +454,13 @@ def test_a_worker_ingests_a_slide_with_progress_events_and_predicts_it_in_chunks
 # --- S3 storage: multipart upload with presigned part URLs ------------------------------------------
 
 def test_with_s3_storage_parts_go_to_presigned_urls_and_the_slide_ingests_from_the_bucket(
-    slide_project, api, slide_path, s3_storage, monkeypatch
+    slide_project, api, slide_path, s3_storage
 ):
     import urllib.request
-
-    monkeypatch.setattr(uploads, "CHUNK_SIZE", 5 * 1024 * 1024)  # S3's minimum part size
     data = slide_path.read_bytes()  # one part (the last part of an upload may be shorter than 5 MiB)
     client = api("admin")
     body = start(client, slide_project, "generated.svs", len(data)).json()
-    assert body["mode"] == "s3"
+    assert body["mode"] == "s3" and body["chunk_size"] == uploads.S3_MIN_PART
     count = -(-len(data) // body["chunk_size"])
     urls = client.post(f"/api/uploads/{body['id']}/parts/", {"parts": list(range(count))}, format="json").json()["urls"]
     etags = []
