@@ -224,6 +224,16 @@ class LabelStudioClient:
         )
         return int(hook.id)
 
+    def delete_webhooks_to(self, *, project_id: int, url: str) -> int:
+        """Remove the project's webhooks that post to ``url``; returns how many."""
+        hooks = self._call("list webhooks", self.sdk.webhooks.list, project=str(project_id))
+        removed = 0
+        for hook in hooks or []:
+            if hook.url == url and hook.project == project_id:
+                self._call("delete a webhook", self.sdk.webhooks.delete, id=hook.id)
+                removed += 1
+        return removed
+
     def set_webhook_active(self, webhook_id: int, active: bool) -> None:
         self._call("update a webhook", self.sdk.webhooks.update, id=webhook_id, is_active=active)
 

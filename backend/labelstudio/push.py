@@ -80,6 +80,11 @@ def ensure_ls_project(*, link: LabelStudioLink, client: LabelStudioClient) -> La
         record_error(link=link, operation="ml_backend", error=exc)
     else:
         resolve_errors(link=link, operations=("ml_backend",))
+        # Connecting an ML backend makes Label Studio add a project webhook to <backend>/webhook
+        # for every action, without Karyo's secret: each save then got a 401 from Karyo. Karyo's
+        # own webhook (above) already delivers the annotation events, and the backend's Start
+        # Training call comes with its Basic auth, so that extra webhook is removed.
+        client.delete_webhooks_to(project_id=link.ls_project_id, url=ml_backend_url().rstrip("/") + "/webhook")
     link.save(update_fields=["webhook_id", "ml_backend_id"])
     resolve_errors(link=link, operations=("webhook",))
     return link

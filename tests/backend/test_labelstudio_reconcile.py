@@ -22,6 +22,11 @@ def test_the_reconcile_reads_only_changed_tasks_and_its_watermark_advances(confi
     assert services.sync_project(project=project).ok
     link = LabelStudioLink.objects.get(project=project)
     client = LabelStudioClient()
+    # Karyo is connected as the ML backend, and the webhook Label Studio adds for it (every
+    # action, no secret: a 401 on each save) is gone; Karyo's own, with the secret, remains.
+    assert link.ml_backend_id and link.webhook_id
+    hooks = client.sdk.webhooks.list(project=str(link.ls_project_id))
+    assert [(h.id, "X-Karyo-Webhook-Secret" in (h.headers or {})) for h in hooks] == [(link.webhook_id, True)]
     log_before = configured.log.read_text(errors="replace").count("Invalid page")
     # Label Studio applies the updated_at filter (nothing is updated tomorrow).
     import datetime as dt
