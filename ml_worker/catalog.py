@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = [
@@ -415,6 +415,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
 )
 
+#: options every softmax architecture takes through ``create_model`` (not its constructor)
+INSTANCE_HEAD_OPTION = Option(
+    "instance_head", "str", None,
+    "extra output that separates touching nuclei: 'hv' regresses HoVer-Net-style distance maps to each "
+    "nucleus' centre (marker watershed on their gradients); empty: the architecture's own split",
+    choices=("hv",), nullable=True,
+)
+CREATE_MODEL_OPTIONS = ("instance_head",)
+ARCHITECTURES = tuple(
+    replace(a, options=(*a.options, INSTANCE_HEAD_OPTION)) if a.output == "softmax" else a for a in ARCHITECTURES
+)
+
 #: what a project trains when it says nothing else (also ``TrainConfig.arch``'s default)
 DEFAULT_ARCHITECTURE = "dssnet"
 
@@ -514,6 +526,22 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
            maximum=10000),
     Option("grad_clip", "float", None, "clip the gradient norm to this value; empty: no clipping", minimum=0,
            maximum=1e6, exclusive_minimum=True, nullable=True),
+    Option("lr_schedule", "str", "constant",
+           "learning-rate schedule after the warm-up: constant, cosine (down to 1 % over the run) or step decay",
+           choices=("constant", "cosine", "step")),
+    Option("warmup_epochs", "int", 0, "epochs of linear learning-rate warm-up", minimum=0, maximum=1000),
+    Option("lr_step_epochs", "int", None, "period of the step schedule in epochs; empty: a third of the run",
+           minimum=1, maximum=10000, nullable=True),
+    Option("lr_step_gamma", "float", 0.1, "factor of each step of the step schedule", minimum=0, maximum=1,
+           exclusive_minimum=True),
+    Option("ema_decay", "float", None,
+           "average the weights over steps (validated and exported); 0.99-0.999; empty: off",
+           minimum=0, maximum=1, exclusive_maximum=True, nullable=True),
+    Option("bn_recalibrate", "bool", True,
+           "recompute BatchNorm statistics with the final weights before validating (steadier curves)"),
+    Option("input_norm", "str", "dataset",
+           "input standardisation: fixed statistics of the training images (same input for a tile and a "
+           "slide) or each image's own (older behaviour)", choices=("dataset", "image")),
 )
 
 #: a run's model size, applied to the architecture's ``width_option`` (not a TrainConfig field)
@@ -545,7 +573,11 @@ SCORES: tuple[Score, ...] = (
           ("mc_dropout",)),
     Score("mc_mutual_info", "BALD mutual information of the nucleus probability over the dropout passes",
           ("mc_dropout",)),
+    Score("expected_fixes", "expected number of nuclei to fix on the tile: 1 - soft IoU of each predicted nucleus "
+          "with the probabilities, plus blobs the model half-sees"),
     Score("tta", "variance of the nucleus probability over flipped / rotated copies of the tile", ("tta",)),
+    Score("instance_flips", "expected nuclei that vanish, split, merge or appear across flipped / rotated copies",
+          ("tta",)),
 )
 
 
@@ -589,6 +621,15 @@ STRATEGIES: tuple[Strategy, ...] = (
     Strategy("hybrid_rep", "Hybrid, representative",
              "as hybrid, thinned to the tiles that best represent the whole pool (facility location)", "entropy",
              ("embeddings",)),
+    Strategy("typical", "Typical (cold start)",
+             "the most typical tile of each kind of tissue no label covers yet (k-means on the model's features); "
+             "shows the expected fixes for comparison", "expected_fixes", ("embeddings",)),
+    Strategy("fixes", "Expected fixes per minute",
+             "the tiles with the most nuclei to fix per minute of correction, one per kind of tissue",
+             "expected_fixes", ("embeddings",)),
+    Strategy("adaptive", "Adaptive",
+             "typical tiles while labels are few (up to 8), the most nuclei to fix per minute once the model has "
+             "seen enough (from 24), mixed in between", "expected_fixes", ("embeddings",)),
 )
 
 DEFAULT_STRATEGY = "hybrid"

@@ -63,9 +63,11 @@ class TileAnalysis:
             None to save memory once scored).
         embedding: (D,) float32 mean pooled bottleneck features (module docstring).
         nucleus_count: number of predicted nuclei (the expected annotation cost).
-        scores: ``entropy``, ``margin``, ``boundary`` always; ``mc_dropout`` and
-            ``mc_mutual_info`` when ``mc_samples > 0``; ``tta`` when ``tta=True``. All in
-            [0, 1] (variances in [0, 0.25]); higher = more uncertain.
+        scores: ``entropy``, ``margin``, ``boundary``, ``expected_fixes`` always;
+            ``mc_dropout`` and ``mc_mutual_info`` when ``mc_samples > 0``; ``tta`` and
+            ``instance_flips`` when ``tta=True``. The pixel scores are in [0, 1] (variances in
+            [0, 0.25]); ``expected_fixes`` and ``instance_flips`` count nuclei (see
+            ``active_learning.nuclei``); higher = more uncertain.
         kind: ``"softmax"`` (semantic, class 0 = background) or ``"sigmoid"`` (channel 0 =
             nucleus) — how ``probs`` are read.
     """
@@ -98,6 +100,20 @@ def output_kind(model: "nn.Module", channels: int | None = None) -> str:
     with torch.no_grad():
         s = float(act(torch.zeros(1, c, 1, 1)).sum())
     return "softmax" if abs(s - 1.0) < 1e-4 else "sigmoid"
+
+
+def _class_probs(model: Any, probs: np.ndarray) -> np.ndarray:
+    """The class-distribution channels (an instance head's distance maps are not classes)."""
+    fn = getattr(model, "class_probabilities", None)
+    return fn(probs) if callable(fn) else probs
+
+
+def _instance_flips(instances: np.ndarray, samples: list[np.ndarray]) -> float:
+    """Expected nuclei that vanish, split, merge or appear across the TTA samples."""
+    from ml_worker.active_learning.nuclei import instance_disagreement
+
+    flips, appear = instance_disagreement(instances, samples)
+    return float(sum(flips.values()) + appear)
 
 
 _BOTTLENECK_CACHE: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
@@ -344,7 +360,7 @@ def analyze_tile(
     kind = output_kind(model, probs.shape[0])
     instances = np.asarray(model.to_instances(probs), dtype=np.int32)  # type: ignore[operator]
     count = int(np.count_nonzero(np.unique(instances)))
-    scores = uncertainty_scores(probs, instances, kind=kind, band=band)
+    scores = uncertainty_scores(_class_probs(model, probs), instances, kind=kind, band=band)
 
     # --- epistemic uncertainty: MC dropout on the bottleneck
     if mc_samples > 0:
@@ -360,11 +376,14 @@ def analyze_tile(
     # --- test-time augmentation: disagreement between transformed predictions
     if tta:
         fgs = [foreground_probability(probs, kind)]
+        samples = []
         for name in tta_transforms:
             fwd, inv = TTA_TRANSFORMS[name]
-            p = predict_probs(model, np.ascontiguousarray(fwd(img)), **kw)
-            fgs.append(foreground_probability(np.ascontiguousarray(inv(p)), kind))
+            p = np.ascontiguousarray(inv(predict_probs(model, np.ascontiguousarray(fwd(img)), **kw)))
+            fgs.append(foreground_probability(p, kind))
+            samples.append(np.asarray(model.to_instances(p), dtype=np.int32))  # type: ignore[operator]
         scores["tta"] = float(np.stack(fgs).var(axis=0).mean())
+        scores["instance_flips"] = _instance_flips(instances, samples)
 
     return TileAnalysis(
         instances=instances,
@@ -481,17 +500,21 @@ def analyze_tiles(
                             np.stack([foreground_probability(p[:, :h, :w], kind) for p in run(x)])
                             for _ in range(int(mc_samples))
                         ], axis=1)  # (B, T, h, w)
+                tta_inst: list[list[np.ndarray]] = [[] for _ in chunk]
                 if tta:
                     fgs = [np.stack([foreground_probability(p, kind) for p in probs])]
                     for name in tta_transforms:
                         fwd, inv = _TTA_TENSOR[name]
                         out = inv(run(fwd(x)))
                         fgs.append(np.stack([foreground_probability(p[:, :h, :w], kind) for p in out]))
+                        for j, p in enumerate(out):
+                            pj = np.ascontiguousarray(p[:, :h, :w], dtype=np.float32)
+                            tta_inst[j].append(np.asarray(model.to_instances(pj), dtype=np.int32))  # type: ignore[operator]
                     tta_fg = np.stack(fgs, axis=1)  # (B, 1 + n, h, w)
                 for j, i in enumerate(chunk):
                     p = np.ascontiguousarray(probs[j], dtype=np.float32)
                     inst = np.asarray(model.to_instances(p), dtype=np.int32)  # type: ignore[operator]
-                    scores = uncertainty_scores(p, inst, kind=kind, band=band)
+                    scores = uncertainty_scores(_class_probs(model, p), inst, kind=kind, band=band)
                     if mc_fg is not None:
                         st = mc_fg[j]
                         scores["mc_dropout"] = float(st.var(axis=0).mean())
@@ -499,6 +522,7 @@ def analyze_tiles(
                         scores["mc_mutual_info"] = float(np.clip(mi, 0.0, 1.0).mean())
                     if tta_fg is not None:
                         scores["tta"] = float(tta_fg[j].var(axis=0).mean())
+                        scores["instance_flips"] = _instance_flips(inst, tta_inst[j])
                     results[i] = TileAnalysis(instances=inst, probs=p, embedding=emb[j],
                                               nucleus_count=int(np.count_nonzero(np.unique(inst))),
                                               scores=scores, kind=kind)

@@ -1,4 +1,7 @@
-"""Model registry: ``create_model(name, in_channels=3, num_classes=2, **kw)``.
+"""Model registry: ``create_model(name, in_channels=3, num_classes=2, instance_head=None, **kw)``.
+
+``instance_head="hv"`` adds HoVer-Net-style distance-map channels to any semantic architecture
+(``ml_worker.instance_heads``).
 
 Architectures register themselves with ``@register("name")``; importing this package
 imports every architecture module so the registry is complete.
@@ -47,7 +50,22 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 2, **kw: An
     """
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(model_names())}")
-    model = MODELS[name](in_channels=in_channels, num_classes=num_classes, **kw)
+    head = kw.pop("instance_head", None) or None
+    if head is None:
+        model = MODELS[name](in_channels=in_channels, num_classes=num_classes, **kw)
+    else:
+        from ml_worker.instance_heads import INSTANCE_HEADS
+
+        if head not in INSTANCE_HEADS:
+            raise ValueError(f"unknown instance_head {head!r}; available: {', '.join(sorted(INSTANCE_HEADS))}")
+        cls = MODELS[name]
+        if cls.activation is not KaryoModel.activation:
+            raise ValueError(f"{name!r} has its own instance outputs; instance_head works with semantic models")
+        # The host's head gets the extra channels; class channels stay first.
+        model = cls(in_channels=in_channels, num_classes=num_classes + INSTANCE_HEADS[head], **kw)
+        model.num_classes = num_classes
+        model.instance_head = head
+        kw = {**kw, "instance_head": head}
     model.arch_name = name
     model.init_kwargs = {"in_channels": in_channels, "num_classes": num_classes, **kw}
     return model

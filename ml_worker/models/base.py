@@ -32,6 +32,9 @@ class KaryoModel(nn.Module):
     size_divisor: int = 1
     #: name in ``ml_worker.losses.LOSSES`` used when ``compute_loss`` gets no ``loss_name``
     default_loss: str = "ce_dice"
+    #: extra instance head (``ml_worker.instance_heads``), set by ``create_model(instance_head=...)``:
+    #: its channels follow the ``num_classes`` class channels of the output
+    instance_head: str | None = None
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2) -> None:
         super().__init__()
@@ -107,13 +110,31 @@ class KaryoModel(nn.Module):
         from ml_worker.losses import get_loss  # lazy: keeps model import light
 
         fn = get_loss(loss_name or self.default_loss)
-        seg = fn(outputs["seg"], self.loss_target(batch), batch.get("instances"))
-        return seg, {"loss": float(seg.detach()), "seg": float(seg.detach())}
+        logits = outputs["seg"]
+        if self.instance_head is None:
+            seg = fn(logits, self.loss_target(batch), batch.get("instances"))
+            return seg, {"loss": float(seg.detach()), "seg": float(seg.detach())}
+        from ml_worker.instance_heads import hv_loss
+
+        k = self.num_classes
+        seg = fn(logits[:, :k], self.loss_target(batch), batch.get("instances"))
+        head = hv_loss(logits[:, k:k + 2], batch["instances"])
+        total = seg + head
+        return total, {"loss": float(total.detach()), "seg": float(seg.detach()), "hv": float(head.detach())}
 
     # ------------------------------------------------------------------ post-processing
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K, H, W) → class probabilities (softmax over K)."""
-        return torch.softmax(logits, dim=1)
+        """Logits (B, K, H, W) → class probabilities (softmax over K); with an instance head,
+        its channels follow, through tanh."""
+        if self.instance_head is None:
+            return torch.softmax(logits, dim=1)
+        k = self.num_classes
+        return torch.cat([torch.softmax(logits[:, :k], dim=1), torch.tanh(logits[:, k:])], dim=1)
+
+    def class_probabilities(self, probs: np.ndarray) -> np.ndarray:
+        """The class-distribution channels of activated outputs (C, H, W): all of them,
+        except an instance head's maps (uncertainty scores are computed on these)."""
+        return probs if self.instance_head is None else probs[: self.num_classes]
 
     def to_instances(self, probs: np.ndarray) -> np.ndarray:
         """Probabilities (out_channels, H, W) of one image → instance map int32 (H, W).
@@ -127,6 +148,11 @@ class KaryoModel(nn.Module):
         if probs.ndim != 3 or probs.shape[0] != self.out_channels:
             raise ValueError(f"expected probs of shape ({self.out_channels}, H, W), got {probs.shape}")
         foreground = 1.0 - probs[0].astype(np.float32)
+        if self.instance_head == "hv":
+            from ml_worker.instance_heads import hv_to_instances
+
+            k = self.num_classes
+            return hv_to_instances(foreground, probs[k:k + 2])
         return np.asarray(semantic_to_instances(foreground), dtype=np.int32)
 
     # ------------------------------------------------------------------ fine-tuning helpers

@@ -64,7 +64,7 @@ def foreground_dice(model: KaryoModel, batch: dict[str, torch.Tensor]) -> float:
     if model.arch_name == "multihead_unet":
         pred = probs[:, 0] > 0.5  # nucleus channel (independent sigmoids)
     else:
-        pred = probs.argmax(dim=1) > 0
+        pred = probs[:, : model.num_classes].argmax(dim=1) > 0  # class channels (not an instance head's maps)
     return float(dice(pred.numpy(), batch["mask"].numpy()))
 
 
