@@ -296,7 +296,7 @@ def uncertainty_png(analysis) -> bytes | None:
 
 
 def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int] | None = None) -> int:
-    from ml_worker.active_learning import analyze_tile
+    from ml_worker.active_learning import analyze_tiles
 
     model_version = ModelVersion.objects.select_related("project").get(pk=model_version_id)
     project = model_version.project
@@ -308,32 +308,52 @@ def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int
     # The extra passes (MC dropout, TTA) only when the project's strategy ranks by their scores.
     extra = catalog.analysis_kwargs(project.al_strategy) if project.al_strategy in catalog.strategy_names() else {}
     tile_size = int(meta.get("config", {}).get("tile_size", 256))
-    done = 0
+    done = seen = 0
     slide_totals = _slide_totals(tiles)
-    for i, (tile, rgb) in enumerate(prefetched_pixels(tiles)):
-        analysis = analyze_tile(
-            model, rgb, normalizer=normalizer, tile_size=tile_size, **extra,
-        )
-        png = encode_png(analysis.instances)
-        heat = uncertainty_png(analysis)
-        try:
-            with StagedWrites() as staged, transaction.atomic():
-                name = staged.save(f"predictions/{model_version.pk}/{tile.pk}.png", png)
-                if heat is not None:
-                    # Next to the mask, by name: the browser's queue shows it as a heat map.
-                    staged.save(uncertainty_name(name), heat)
-                Prediction.objects.create(
-                    tile=tile, model_version=model_version, mask=name, nucleus_count=int(analysis.nucleus_count),
-                    uncertainty={k: float(v) for k, v in analysis.scores.items()},
-                    embedding=[float(x) for x in np.asarray(analysis.embedding).ravel()],
-                )
-            done += 1
-        except IntegrityError:
-            pass  # a retried task already stored this tile's prediction: nothing to duplicate
-        if (i + 1) % 4 == 0 or i + 1 == len(tiles):
-            events.publish(project_id, "predict.progress", model_version=model_version.pk, done=i + 1, total=len(tiles))
-            _publish_slide_progress(project_id, model_version, slide_totals, tiles[: i + 1])
+    for batch in _batches(prefetched_pixels(tiles), PREDICT_BATCH):
+        # Tiles of one shape go through the network together; reads of the next ones overlap.
+        analyses = analyze_tiles(model, [rgb for _, rgb in batch], normalizer=normalizer, tile_size=tile_size,
+                                 batch_size=PREDICT_BATCH, **extra)
+        for tile, analysis in zip([t for t, _ in batch], analyses):
+            done += _store_prediction(tile=tile, analysis=analysis, model_version=model_version)
+        seen += len(batch)
+        events.publish(project_id, "predict.progress", model_version=model_version.pk, done=seen, total=len(tiles))
+        _publish_slide_progress(project_id, model_version, slide_totals, tiles[:seen])
     return done
+
+
+PREDICT_BATCH = 8
+
+
+def _batches(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _store_prediction(*, tile: Tile, analysis, model_version: ModelVersion) -> int:
+    """Store one tile's prediction (mask + heat map + scores); 0 when a retried task already did."""
+    png = encode_png(analysis.instances)
+    heat = uncertainty_png(analysis)
+    try:
+        with StagedWrites() as staged, transaction.atomic():
+            name = staged.save(f"predictions/{model_version.pk}/{tile.pk}.png", png)
+            if heat is not None:
+                # Next to the mask, by name: the browser's queue shows it as a heat map.
+                staged.save(uncertainty_name(name), heat)
+            Prediction.objects.create(
+                tile=tile, model_version=model_version, mask=name, nucleus_count=int(analysis.nucleus_count),
+                uncertainty={k: float(v) for k, v in analysis.scores.items()},
+                embedding=[float(x) for x in np.asarray(analysis.embedding).ravel()],
+            )
+        return 1
+    except IntegrityError:
+        return 0  # a retried task already stored this tile's prediction: nothing to duplicate
 
 
 def prediction_chunks(*, project_id: int, model_version_id: int, tile_ids: list[int] | None = None,
