@@ -1,7 +1,7 @@
 import { describe, it } from "node:test";
 import { expect } from "./expect.js";
-import { GridIndex, NucleusCache, OUTLINE_MIN_SCALE, drawOverlay, grow, intersects, scoreRange, tileAt, uncertaintyColor,
-  visibleRect } from "../src/lib/overlay.js";
+import { GridIndex, NucleusCache, OUTLINE_MIN_SCALE, drawOverlay, gridStep, grow, intersects, reproject, scoreRange, tileAt,
+  uncertaintyColor, visibleRect } from "../src/lib/overlay.js";
 
 // A seeded generator, so a failure can be replayed.
 function rng(seed) {
@@ -34,9 +34,11 @@ function nucleiOn(tiles, n, seed = 1) {
 
 // The calls a CanvasRenderingContext2D would get, counted.
 function recordingContext() {
-  const calls = { moveTo: 0, lineTo: 0, stroke: 0, strokeRect: 0, fillRect: 0, points: [] };
+  const calls = { moveTo: 0, lineTo: 0, stroke: 0, strokeRect: 0, fillRect: 0, rect: 0, fill: 0, points: [] };
   const ctx = {
     setTransform() {}, beginPath() {}, closePath() {},
+    rect() { calls.rect += 1; },
+    fill() { calls.fill += 1; },
     moveTo(x, y) { calls.moveTo += 1; calls.points.push([x, y]); },
     lineTo() { calls.lineTo += 1; },
     stroke() { calls.stroke += 1; },
@@ -73,6 +75,11 @@ describe("viewport geometry", () => {
     expect(tileAt(tiles, 300, 10).id).toBe(2);
     expect(tileAt(tiles, 999, 999).id).toBe(16);
     expect(tileAt(tiles, 1200, 5)).toBeNull();
+  });
+  it("finds the grid's stride when background tiles are missing", () => {
+    expect(gridStep([0, 512, 768, 256, 1792], 200)).toBe(256);
+    expect(gridStep([128], 200)).toBe(200);
+    expect(gridStep([], 0)).toBe(1);
   });
 });
 
@@ -124,9 +131,14 @@ describe("nuclei per viewport", () => {
     expect(drawn.nuclei).toBeGreaterThan(0);
     expect(Math.abs(drawn.nuclei - want.length)).toBeLessThanOrEqual(want.length * 0.02 + 5);
     expect(drawn.nuclei).toBeLessThan(2000);
-    expect(calls.moveTo).toBe(drawn.nuclei);
-    expect(calls.stroke).toBe(2); // one path per class colour
+    expect(calls.moveTo).toBe(drawn.outlines);
+    expect(calls.fillRect).toBe(drawn.dots);
+    expect(drawn.outlines).toBeGreaterThan(drawn.dots); // at half size most nuclei are still big enough to outline
+    // Outlines are stroked in batches of 20 per class colour (2 colours here), tiles in one path per colour.
+    expect(calls.stroke - 1).toBeLessThanOrEqual(Math.ceil(drawn.outlines / 20) + 2);
+    expect(calls.stroke - 1).toBeGreaterThanOrEqual(Math.ceil(drawn.outlines / 20));
     expect(drawn.tiles).toBe(cache.tilesIn(rect).length);
+    expect(calls.rect).toBe(drawn.tiles);
     expect(ms).toBeLessThan(250);
   });
 
@@ -139,6 +151,7 @@ describe("nuclei per viewport", () => {
     const drawn = drawOverlay(ctx, { transform, rect: visibleRect(transform, 1440, 900, SLIDE), cache, gridMode: "uncertainty",
       range: { lo: 0, hi: 1 } });
     expect(drawn.mode).toBe("summary");
+    expect(calls.fill).toBeLessThanOrEqual(5); // one path per colour, not one per tile
     expect(drawn.nuclei).toBe(0);
     expect(calls.moveTo).toBe(0);
     expect(drawn.tiles).toBeGreaterThan(0);
@@ -151,6 +164,19 @@ describe("nuclei per viewport", () => {
     expect(cache.count).toBeLessThanOrEqual(5000);
     expect(cache.missing(views[5])).toBeNull();
     expect(cache.missing(views[0])).toEqual(views[0]);
+  });
+});
+
+describe("moving the last frame while the view animates", () => {
+  it("maps a point drawn at one transform to where the new transform puts it", () => {
+    const from = { scale: 0.5, offsetX: 100, offsetY: -40 };
+    const to = { scale: 0.8, offsetX: -300, offsetY: 25 };
+    const { k, dx, dy } = reproject(from, to, 2);
+    const x = 1234, y = 567; // level-0 point
+    const drawnAt = [2 * (from.offsetX + from.scale * x), 2 * (from.offsetY + from.scale * y)];
+    const want = [2 * (to.offsetX + to.scale * x), 2 * (to.offsetY + to.scale * y)];
+    expect(Math.abs(k * drawnAt[0] + dx - want[0])).toBeLessThan(1e-9);
+    expect(Math.abs(k * drawnAt[1] + dy - want[1])).toBeLessThan(1e-9);
   });
 });
 

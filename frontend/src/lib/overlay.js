@@ -39,7 +39,7 @@ export class GridIndex {
     const c = this.cell;
     const x0 = Math.floor(box.x / c), x1 = Math.floor((box.x + box.w) / c);
     const y0 = Math.floor(box.y / c), y1 = Math.floor((box.y + box.h) / c);
-    for (let cy = y0; cy <= y1; cy += 1) for (let cx = x0; cx <= x1; cx += 1) visit(`${cx},${cy}`);
+    for (let cy = y0; cy <= y1; cy += 1) for (let cx = x0; cx <= x1; cx += 1) visit(cy * 1048576 + cx);
   }
 
   insert(item, box = item.box) {
@@ -109,6 +109,7 @@ export class NucleusCache {
     this.count = 0;
     this.clock = 0;
     this.index = new GridIndex(cell);
+    this.partial = null;
   }
 
   tilesIn(rect) {
@@ -126,29 +127,36 @@ export class NucleusCache {
     return { x, y, w: Math.min(x1, rect.x + rect.w) - x, h: Math.min(y1, rect.y + rect.h) - y };
   }
 
-  // Stores an answer of the nuclei endpoint for `rect`. A truncated answer is drawn but not
-  // kept: its tiles stay unknown, so the next (smaller) view asks again.
+  // Stores an answer of the nuclei endpoint for `rect`. Tiles already known keep their nuclei
+  // (the answer repeats those on the edge of the asked rectangle). A truncated answer is drawn but
+  // not kept: its tiles stay unknown, so the next (smaller) view asks again.
   add(rect, { nuclei, truncated }) {
     const byTile = new Map();
     for (const n of nuclei) {
+      if (this.loaded.has(n.tile_id)) continue;
       if (!byTile.has(n.tile_id)) byTile.set(n.tile_id, []);
-      byTile.get(n.tile_id).push({ ...n, box: bboxOf(n.polygon) });
+      byTile.get(n.tile_id).push(n);
     }
-    this.partial = null;
+    for (const list of byTile.values()) for (const n of list) n.box = bboxOf(n.polygon);
+    this.partial = new GridIndex(this.cell);
     if (truncated) {
-      this.partial = [...byTile.values()].flat();
-    } else {
-      const stamp = ++this.clock;
-      const ids = new Set([...this.tilesIn(rect).map((t) => t.id), ...byTile.keys()]);
-      for (const id of ids) {
-        const old = this.loaded.get(id);
-        if (old) this.count -= old.nuclei.length;
-        const list = byTile.get(id) || [];
-        this.loaded.set(id, { nuclei: list, seen: stamp });
-        this.count += list.length;
-      }
+      for (const list of byTile.values()) for (const n of list) this.partial.insert(n);
+      return;
     }
-    this.rebuild();
+    const stamp = ++this.clock;
+    const ids = new Set([...this.tilesIn(rect).map((t) => t.id), ...byTile.keys()]);
+    for (const id of ids) {
+      const known = this.loaded.get(id);
+      if (known) {
+        known.seen = stamp;
+        continue;
+      }
+      const list = byTile.get(id) || [];
+      this.loaded.set(id, { nuclei: list, seen: stamp });
+      this.count += list.length;
+      for (const n of list) this.index.insert(n);
+    }
+    if (this.count > this.maxNuclei) this.evict();
   }
 
   touch(rect) {
@@ -159,26 +167,21 @@ export class NucleusCache {
     }
   }
 
+  // Drops the tiles seen longest ago down to 80% of the bound, then re-indexes what is left.
   evict() {
-    if (this.count <= this.maxNuclei) return false;
     const oldest = [...this.loaded.entries()].sort((a, b) => a[1].seen - b[1].seen);
     for (const [id, entry] of oldest) {
       if (this.count <= this.maxNuclei * 0.8) break;
       this.loaded.delete(id);
       this.count -= entry.nuclei.length;
     }
-    return true;
-  }
-
-  rebuild() {
-    this.evict();
     this.index = new GridIndex(this.cell);
     for (const entry of this.loaded.values()) for (const n of entry.nuclei) this.index.insert(n);
-    for (const n of this.partial || []) this.index.insert(n);
   }
 
   visible(rect) {
-    return this.index.query(rect);
+    const found = this.index.query(rect);
+    return this.partial?.size ? found.concat(this.partial.query(rect)) : found;
   }
 }
 
@@ -209,67 +212,115 @@ export function scoreRange(tiles) {
   return { lo: Math.min(...scores), hi: Math.max(...scores) };
 }
 
+// The stride of a tile grid along one axis: the smallest gap between tile origins (slides keep
+// only their tissue tiles, so the grid has holes).
+export function gridStep(origins, fallback) {
+  const sorted = [...new Set(origins)].sort((a, b) => a - b);
+  let step = Infinity;
+  for (let i = 1; i < sorted.length; i += 1) step = Math.min(step, sorted[i] - sorted[i - 1]);
+  return Number.isFinite(step) && step > 0 ? step : Math.max(1, fallback);
+}
+
 export function tileAt(tiles, x, y) {
   return tiles.find((t) => x >= t.x && x < t.x + t.w && y >= t.y && y < t.y + t.h) || null;
 }
 
-// Draws the overlay for one frame; returns what it drew (the viewer exposes it for tests).
-// ctx: a 2D context already cleared; dpr: device pixels per CSS pixel.
+// Nuclei smaller than this on screen (px) are drawn as dots: stroking thousands of 2-px
+// outlines costs a software canvas hundreds of ms and shows nothing more.
+export const DOT_BELOW_PX = 5;
+// Outlines are stroked in batches: one path per nucleus costs a call each, one path for
+// thousands makes Skia's stroker slow (measured in Chromium: 6,000 nuclei, ~7x slower).
+const STROKE_BATCH = 20;
+
+function byColor(items, colorOf) {
+  const groups = new Map();
+  for (const item of items) {
+    const color = colorOf(item);
+    if (!color) continue;
+    if (!groups.has(color)) groups.set(color, []);
+    groups.get(color).push(item);
+  }
+  return groups;
+}
+
+// Draws the overlay for one frame in device pixels; returns what it drew (the viewer exposes it
+// for tests). ctx: a cleared 2D context; dpr: device pixels per CSS pixel.
 export function drawOverlay(ctx, { transform, rect, dpr = 1, cache, gridMode = "status", outlines = true, classColors = {},
-  range = null, hover = null }) {
-  const { scale, offsetX, offsetY } = transform;
-  ctx.setTransform(dpr * scale, 0, 0, dpr * scale, dpr * offsetX, dpr * offsetY);
-  const px = 1 / scale; // one screen pixel in level-0 pixels
-  const drawn = { tiles: 0, nuclei: 0, mode: "summary" };
+  range = null }) {
+  const k = dpr * transform.scale;
+  const ox = dpr * transform.offsetX, oy = dpr * transform.offsetY;
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  const drawn = { tiles: 0, nuclei: 0, outlines: 0, dots: 0, mode: "summary" };
   const tiles = cache.tilesIn(rect);
   if (gridMode !== "off") {
-    for (const t of tiles) {
-      const color = gridMode === "uncertainty" ? uncertaintyColor(t.score, range?.lo ?? 0, range?.hi ?? 1) : STATUS_COLORS[t.status] || STATUS_COLORS.unlabelled;
-      if (color) {
-        ctx.globalAlpha = gridMode === "uncertainty" ? 0.35 : (t.status && t.status !== "unlabelled" ? 0.22 : 0.06);
-        ctx.fillStyle = color;
-        ctx.fillRect(t.x, t.y, t.w, t.h);
-      }
-      ctx.globalAlpha = 0.7;
-      ctx.strokeStyle = color || STATUS_COLORS.unlabelled;
-      ctx.lineWidth = px;
-      ctx.strokeRect(t.x, t.y, t.w, t.h);
-      drawn.tiles += 1;
-    }
-  }
-  if (hover) {
-    ctx.globalAlpha = 1;
-    ctx.strokeStyle = "#6a1b9a";
-    ctx.lineWidth = 3 * px;
-    ctx.strokeRect(hover.x, hover.y, hover.w, hover.h);
-  }
-  if (outlines && showOutlines(scale)) {
-    drawn.mode = "outlines";
-    const byColor = new Map();
-    for (const n of cache.visible(rect)) {
-      const color = classColors[n.class_id] || "#00e5ff";
-      if (!byColor.has(color)) byColor.set(color, []);
-      byColor.get(color).push(n);
-    }
-    ctx.globalAlpha = 0.95;
-    ctx.lineWidth = 1.5 * px;
-    ctx.lineJoin = "round";
-    // One path per class colour: a stroke per nucleus would cost ~100x more at 10,000 in view.
-    for (const [color, list] of byColor) {
-      ctx.strokeStyle = color;
+    const colorOf = gridMode === "uncertainty"
+      ? (t) => uncertaintyColor(t.score, range?.lo ?? 0, range?.hi ?? 1) || STATUS_COLORS.unlabelled
+      : (t) => STATUS_COLORS[t.status] || STATUS_COLORS.unlabelled;
+    ctx.lineWidth = Math.max(1, dpr);
+    for (const [color, group] of byColor(tiles, colorOf)) {
       ctx.beginPath();
-      for (const n of list) {
+      for (const t of group) ctx.rect(ox + k * t.x, oy + k * t.y, k * t.w, k * t.h);
+      const quiet = gridMode === "status" && (color === STATUS_COLORS.unlabelled || color === STATUS_COLORS.queued);
+      ctx.globalAlpha = gridMode === "uncertainty" ? 0.35 : quiet ? 0.06 : 0.16;
+      ctx.fillStyle = color;
+      ctx.fill();
+      ctx.globalAlpha = 0.7;
+      ctx.strokeStyle = color;
+      ctx.stroke();
+      drawn.tiles += group.length;
+    }
+  }
+  if (outlines && showOutlines(transform.scale)) {
+    drawn.mode = "outlines";
+    ctx.globalAlpha = 0.95;
+    ctx.lineWidth = 1.5 * dpr;
+    const dotBelow = (DOT_BELOW_PX * dpr) / k; // in level-0 px
+    for (const [color, group] of byColor(cache.visible(rect), (n) => classColors[n.class_id] || "#00e5ff")) {
+      ctx.strokeStyle = color;
+      ctx.fillStyle = color;
+      let batch = 0;
+      ctx.beginPath();
+      for (const n of group) {
         const pts = n.polygon;
         if (pts.length < 2) continue;
-        ctx.moveTo(pts[0][0], pts[0][1]);
-        for (let i = 1; i < pts.length; i += 1) ctx.lineTo(pts[i][0], pts[i][1]);
+        if (n.box.w < dotBelow && n.box.h < dotBelow) {
+          const d = 2 * dpr;
+          ctx.fillRect(ox + k * (n.box.x + n.box.w / 2) - d / 2, oy + k * (n.box.y + n.box.h / 2) - d / 2, d, d);
+          drawn.dots += 1;
+          continue;
+        }
+        ctx.moveTo(ox + k * pts[0][0], oy + k * pts[0][1]);
+        for (let i = 1; i < pts.length; i += 1) ctx.lineTo(ox + k * pts[i][0], oy + k * pts[i][1]);
         ctx.closePath();
-        drawn.nuclei += 1;
+        drawn.outlines += 1;
+        if (++batch === STROKE_BATCH) {
+          ctx.stroke();
+          ctx.beginPath();
+          batch = 0;
+        }
       }
-      ctx.stroke();
+      if (batch) ctx.stroke();
     }
+    drawn.nuclei = drawn.outlines + drawn.dots;
   }
   ctx.globalAlpha = 1;
-  ctx.setTransform(1, 0, 0, 1, 0, 0);
   return drawn;
+}
+
+// The highlighted tile under the pointer, drawn over the frame (cheap: no redraw of the rest).
+export function drawHover(ctx, { transform, dpr = 1, tile }) {
+  if (!tile) return;
+  const k = dpr * transform.scale;
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.globalAlpha = 1;
+  ctx.strokeStyle = "#6a1b9a";
+  ctx.lineWidth = 3 * dpr;
+  ctx.strokeRect(dpr * transform.offsetX + k * tile.x, dpr * transform.offsetY + k * tile.y, k * tile.w, k * tile.h);
+}
+
+// The transform that maps a frame drawn at `from` onto the view at `to` (for moving the last
+// frame while OpenSeadragon animates, instead of drawing every nucleus again each frame).
+export function reproject(from, to, dpr = 1) {
+  const k = to.scale / from.scale;
+  return { k, dx: dpr * (to.offsetX - from.offsetX * k), dy: dpr * (to.offsetY - from.offsetY * k) };
 }

@@ -5,6 +5,7 @@ import { lineChart } from "../lib/plot.js";
 import { h, replace } from "../lib/dom.js";
 import { etaText, metric, percent, plural, relativeTime, roleAtLeast, runEtaSeconds, runProgress, statusLabel, versionMetrics } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, progressBar, projectUrl, spinner } from "../lib/layout.js";
+import { gridStep } from "../lib/overlay.js";
 
 export function versionChart(versions) {
   const sorted = [...versions].sort((a, b) => a.version - b.version);
@@ -96,14 +97,18 @@ export async function render(main, { config, socket }) {
 
     const grid = card("Images and tiles", images.images.length
       ? h("div", { class: "image-list" }, images.images.map((img) => {
-        const cols = Math.max(1, Math.round(img.width / (img.tiles[0]?.w || img.width)));
+        // Slides keep only their tissue tiles: each cell goes to its own row/column of the grid.
+        const stepX = gridStep(img.tiles.map((t) => t.x), img.tiles[0]?.w || img.width);
+        const stepY = gridStep(img.tiles.map((t) => t.y), img.tiles[0]?.h || img.height);
+        const cols = Math.max(1, Math.ceil(img.width / stepX));
         return h("div", { class: "image-item" },
           // The size on its own line: after the name it was cut off by the ellipsis ("512x...").
-          h("div", { class: "image-name", title: img.name }, img.name),
+          h("a", { class: "image-name", title: `${img.name}: open in the slide viewer`, href: projectUrl(project, `images/${img.id}/`) }, img.name),
           h("div", { class: "muted small", "data-testid": "image-size" }, `${img.width}×${img.height} px`),
           h("div", { class: "tile-grid", style: { gridTemplateColumns: `repeat(${cols}, 1fr)` } },
             img.tiles.map((t) => h("a", {
               class: `tile-cell seg-${t.status || "unlabelled"}`, href: projectUrl(project, `tiles/${t.id}/`),
+              style: { gridColumn: String(Math.round(t.x / stepX) + 1), gridRow: String(Math.round(t.y / stepY) + 1) },
               title: `tile ${t.id} (${t.x},${t.y}): ${statusLabel(t.status)}${t.version ? ` v${t.version}` : ""}`,
             }))));
       }))

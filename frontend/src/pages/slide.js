@@ -7,8 +7,8 @@ import { api } from "../lib/api.js";
 import { h, replace } from "../lib/dom.js";
 import { plural } from "../lib/format.js";
 import { errorBox, progressBar, projectUrl, spinner } from "../lib/layout.js";
-import { NucleusCache, STATUS_COLORS, drawOverlay, grow, scoreRange, showOutlines, tileAt, uncertaintyColor, viewTransform,
-  visibleRect } from "../lib/overlay.js";
+import { NucleusCache, STATUS_COLORS, drawHover, drawOverlay, grow, reproject, scoreRange, showOutlines, tileAt, uncertaintyColor,
+  viewTransform, visibleRect } from "../lib/overlay.js";
 
 export const OPENSEADRAGON_VERSION = "6.1.1"; // frontend/package.json's; build.mjs copies it to dist/vendor/
 const NUCLEI_LIMIT = 20000;
@@ -129,30 +129,61 @@ export async function render(main, { config, socket }) {
     return viewTransform(osd, viewer);
   }
 
+  // Frames: a full frame draws the grid and every nucleus in view into `buffer`; while
+  // OpenSeadragon animates (zoom, pan, drag) the last full frame is moved with the view, and a
+  // full frame follows when the view rests (or a throttled one during long drags). So panning
+  // stays smooth whatever the number of nuclei in view.
+  const buffer = document.createElement("canvas");
+  const bufferCtx = buffer.getContext("2d");
+  let bufferAt = null; // the transform the buffer was drawn at
+  let lastFull = 0;
+  let lastDrawn = { nuclei: 0, tiles: 0, mode: "summary", ms: 0 };
   let frame = 0;
-  function redraw() {
+  let wantFull = true;
+  function redraw(full = true) {
+    wantFull = wantFull || full;
     cancelAnimationFrame(frame);
     frame = requestAnimationFrame(paint);
   }
+  const moved = () => redraw(false);
 
   function paint() {
     if (!viewer.world.getItemCount()) return;
     const dpr = window.devicePixelRatio || 1;
     const { clientWidth: w, clientHeight: hgt } = viewer.canvas;
     if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(hgt * dpr)) {
-      canvas.width = Math.round(w * dpr);
-      canvas.height = Math.round(hgt * dpr);
+      for (const c of [canvas, buffer]) {
+        c.width = Math.round(w * dpr);
+        c.height = Math.round(hgt * dpr);
+      }
       canvas.style.width = `${w}px`;
       canvas.style.height = `${hgt}px`;
+      wantFull = true;
+    }
+    const t = transform();
+    const now = performance.now();
+    // During an animation a full frame is redrawn only when it is cheap (measured on the last one).
+    if (wantFull || !bufferAt || (now - lastFull > 250 && lastDrawn.ms < 40)) {
+      bufferCtx.setTransform(1, 0, 0, 1, 0, 0);
+      bufferCtx.clearRect(0, 0, buffer.width, buffer.height);
+      const rect = visibleRect(t, w, hgt, image);
+      const started = performance.now();
+      lastDrawn = drawOverlay(bufferCtx, { transform: t, rect, dpr, cache, gridMode: state.gridMode, outlines: state.outlines,
+        classColors, range });
+      lastDrawn.ms = Math.round(performance.now() - started);
+      bufferAt = t;
+      lastFull = performance.now();
+      wantFull = false;
+      Object.assign(canvas.dataset, { nuclei: lastDrawn.nuclei, outlines: lastDrawn.outlines, tiles: lastDrawn.tiles,
+        mode: lastDrawn.mode, ms: lastDrawn.ms });
     }
     ctx.setTransform(1, 0, 0, 1, 0, 0);
     ctx.clearRect(0, 0, canvas.width, canvas.height);
-    const t = transform();
-    const rect = visibleRect(t, w, hgt, image);
-    const drawn = drawOverlay(ctx, { transform: t, rect, dpr, cache, gridMode: state.gridMode, outlines: state.outlines, classColors, range,
-      hover: state.hover });
-    Object.assign(canvas.dataset, { nuclei: drawn.nuclei, tiles: drawn.tiles, mode: drawn.mode });
-    describe(drawn, t);
+    const { k, dx, dy } = reproject(bufferAt, t, dpr);
+    ctx.setTransform(k, 0, 0, k, dx, dy);
+    ctx.drawImage(buffer, 0, 0);
+    drawHover(ctx, { transform: t, dpr, tile: state.hover });
+    describe(lastDrawn, t);
   }
 
   function describe(drawn, t) {
@@ -203,7 +234,8 @@ export async function render(main, { config, socket }) {
     }
   }
 
-  for (const event of ["animation", "update-viewport", "resize", "open"]) viewer.addHandler(event, redraw);
+  for (const event of ["animation", "update-viewport"]) viewer.addHandler(event, moved);
+  for (const event of ["animation-finish", "resize", "open"]) viewer.addHandler(event, () => redraw());
   for (const event of ["animation-finish", "open", "resize"]) viewer.addHandler(event, scheduleFetch);
   viewer.addHandler("open-failed", (e) => replace(body, errorBox(new Error(`The slide's tiles could not be opened: ${e.message || "unknown error"}`))));
 
@@ -221,12 +253,12 @@ export async function render(main, { config, socket }) {
       if (tile !== state.hover) {
         state.hover = tile;
         viewer.canvas.style.cursor = tile ? "pointer" : "";
-        redraw();
+        redraw(false);
       }
     },
     leaveHandler: () => {
       state.hover = null;
-      redraw();
+      redraw(false);
     },
   });
 
