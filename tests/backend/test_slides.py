@@ -502,3 +502,20 @@ def test_import_images_stores_a_folder_of_slides_and_reports_tiles_kept(slide_pr
         call_command("import_images", str(folder / "a.svs"), "--project", slide_project.name, "--inline",
                      stdout=out, stderr=err)
     assert "already in the project" in err.getvalue()
+
+
+def test_a_tile_cut_before_slides_keeps_reading_its_own_png(team):
+    """Tiles stored as one PNG each (before issue 11) are read from that file, through the same function."""
+    from backend.common.storage import StagedWrites, encode_png
+    from backend.images.pixels import read_tile_rgb, tile_png
+
+    project = team["project"]
+    pixels = np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    with StagedWrites() as staged:
+        image_name = staged.save("images/legacy.png", encode_png(pixels))
+        tile_name = staged.save("tiles/legacy/0_0_64x64.png", encode_png(pixels))
+    image = Image.objects.create(project=project, name="legacy.png", file=image_name, sha256="0" * 64, format="png",
+                                 width=64, height=64)
+    tile = Tile.objects.create(image=image, project=project, x=0, y=0, w=64, h=64, file=tile_name)
+    assert np.array_equal(read_tile_rgb(tile), pixels)
+    assert tile_png(tile) == default_storage.open(tile_name).read()
