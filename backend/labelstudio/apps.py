@@ -12,3 +12,6 @@ class LabelStudioConfig(AppConfig):
         from . import receivers, tasks  # noqa: F401  (tasks: registers the Celery tasks in every process)
 
         queue_ranked.connect(receivers.on_queue_ranked, dispatch_uid="labelstudio.on_queue_ranked")
+        from backend.images.signals import annotation_saved
+
+        annotation_saved.connect(receivers.on_annotation_saved, dispatch_uid="labelstudio.on_annotation_saved")

@@ -195,6 +195,31 @@ class LabelStudioClient:
     def list_annotations(self, task_id: int) -> list[LSAnnotation]:
         return [_annotation(a) for a in self._call("list annotations", self.sdk.annotations.list, id=task_id)]
 
+    # --- users ---------------------------------------------------------------------------------
+    def ensure_user(self, *, username: str, email: str, first_name: str = "") -> int:
+        """The id of the organisation's Label Studio user ``username`` (or, failing that, with
+        ``email``: e-mails are unique there), created when missing (Label Studio adds users created
+        through its API to the caller's organisation)."""
+        users = list(self._call("list users", self.sdk.users.list) or [])
+        for user in users:
+            if user.username == username:
+                return int(user.id)
+        for user in users:
+            if email and (user.email or "").lower() == email.lower():
+                return int(user.id)
+        created = self._call("create a user", self.sdk.users.create, username=username, email=email,
+                             first_name=first_name or username)
+        return int(created.id)
+
+    def create_annotation(self, *, task_id: int, result: list, completed_by: int | None) -> LSAnnotation:
+        kwargs = {"completed_by": completed_by} if completed_by else {}
+        created = self._call("create an annotation", self.sdk.annotations.create, id=task_id, result=result, **kwargs)
+        return _annotation(created)
+
+    def update_annotation(self, *, annotation_id: int, result: list) -> LSAnnotation:
+        return _annotation(self._call("update an annotation", self.sdk.annotations.update, id=annotation_id,
+                                      result=result))
+
     def user_email(self, user_id: int) -> str | None:
         try:
             return self._call("read a user", self.sdk.users.get, id=user_id).email

@@ -18,15 +18,19 @@ from backend.images.services import create_annotation
 from . import conversions
 from .client import LabelStudioClient, LabelStudioError, LSAnnotation
 from .links import record_error
+from .members import karyo_user_for
 from .models import AnnotationSync, LabelStudioLink, PushedPrediction, TaskLink
 
 RECONCILE_OVERLAP = dt.timedelta(seconds=5)
 
 
 def _karyo_user(client: LabelStudioClient, ls_user_id: int | None, cache: dict):
-    """The Karyo user with the Label Studio user's e-mail (None when there is none)."""
+    """The Karyo member Karyo created this Label Studio user for, else the Karyo user with the
+    Label Studio user's e-mail (None when there is none)."""
     if not ls_user_id:
         return None
+    if ls_user_id not in cache and (member := karyo_user_for(ls_user_id)) is not None:
+        cache[ls_user_id] = member
     if ls_user_id not in cache:
         email = client.user_email(ls_user_id)
         cache[ls_user_id] = (

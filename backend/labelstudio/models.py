@@ -5,6 +5,7 @@ us is kept here, so that a sync can be repeated at any time without creating dup
 """
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 
 from backend.images.models import Annotation, Tile
@@ -92,3 +93,15 @@ class SyncError(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+
+
+class LabelStudioAccount(models.Model):
+    """The Label Studio user Karyo created for a member (same username), so that what they save
+    there is attributed to them here."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="label_studio_account")
+    ls_user_id = models.PositiveIntegerField(unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.user} = Label Studio user {self.ls_user_id}"

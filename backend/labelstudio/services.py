@@ -39,6 +39,7 @@ from .links import (
     record_error,
     resolve_errors,
 )
+from .members import push_annotations, sync_members
 from .ml_backend import ml_predict, ml_setup, ml_versions, ml_webhook
 from .push import _push, ensure_ls_project, prediction_scores, push_predictions, schedule_push, sync_tasks, task_data
 from .webhook import SECRET_HEADER, WEBHOOK_ACTIONS, handle_webhook
@@ -84,6 +85,8 @@ def sync_project(*, project: Project) -> SyncReport | None:
             ensure_ls_project(link=link, client=client)
             report.tasks_created = sync_tasks(link=link, client=client)
             report.predictions_pushed = _push(link=link, client=client)
+            report.extra["accounts_created"] = sync_members(link=link, client=client)
+            report.extra["annotations_pushed"] = push_annotations(link=link, client=client)
             pulled = reconcile(link=link, client=client)
         except LabelStudioError as exc:
             record_error(link=link, operation="sync", error=exc)

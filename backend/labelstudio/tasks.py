@@ -45,3 +45,19 @@ def ingest_annotations(link_id: int, annotation_ids: list[int], deleted_ids: lis
         return services.ingest_annotations(link=link, annotation_ids=annotation_ids, deleted_ids=deleted_ids)
     except LabelStudioError as exc:
         return {"error": str(exc)}  # recorded on the project; the periodic reconcile pulls it later
+
+
+@shared_task(name="karyo.cpu.labelstudio_push_annotations")
+def push_annotations(project_id: int) -> int:
+    """Annotations made in Karyo appear in Label Studio as annotations of their authors."""
+    from backend.common.errors import KaryoError
+
+    from .members import push_member_annotations
+
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        return 0
+    try:
+        return push_member_annotations(project=project)
+    except (LabelStudioError, KaryoError):
+        return 0  # recorded on the project (or a sync holds it): the periodic sync pushes them

@@ -60,3 +60,41 @@ def test_the_reconcile_reads_only_changed_tasks_and_its_watermark_advances(confi
     assert report.ok
     assert reconcile(link=link, client=client)["tasks_changed"] == 0
     assert configured.log.read_text(errors="replace").count("Invalid page") == log_before
+
+
+def test_members_get_label_studio_users_and_karyo_annotations_appear_there(configured):  # noqa: F811  (fixture)
+    from backend.images.services import create_annotation
+    from backend.labelstudio.models import LabelStudioAccount
+    from backend.projects.models import Membership, Role
+    from django.contrib.auth import get_user_model
+
+    data = make_project("Members", sizes=[64, 64], nuclei=[4, 4], uncertainty=[0.5, 0.4])
+    project, tiles = data["project"], data["tiles"]
+    ana = get_user_model().objects.create_user(username="ana-ls", password="pw-for-tests-123")  # no e-mail
+    vic = get_user_model().objects.create_user(username="vic-ls", password="pw-for-tests-123")
+    Membership.objects.create(user=ana, project=project, role=Role.ANNOTATOR)
+    Membership.objects.create(user=vic, project=project, role=Role.VIEWER)
+    made_in_karyo, _ = create_annotation(tile=tiles[0], instances=data["masks"][tiles[0].pk].astype("int32"),
+                                         author=data["pathologist"])
+    report = services.sync_project(project=project)
+    assert report.ok, report.error
+    accounts = {a.user.username: a.ls_user_id for a in LabelStudioAccount.objects.select_related("user")}
+    assert {"ana-ls", data["pathologist"].username} <= set(accounts) and "vic-ls" not in accounts  # viewers: none
+    client = LabelStudioClient()
+    ls_users = {u.username: u.id for u in client.sdk.users.list()}
+    assert ls_users["ana-ls"] == accounts["ana-ls"]
+
+    # Karyo's annotation is an annotation in Label Studio, by its author, and is not stored back.
+    link = LabelStudioLink.objects.get(project=project)
+    (shown,) = client.list_annotations(ls_task(link, tiles[0]))
+    assert shown.completed_by == accounts[data["pathologist"].username] and len(shown.result) == 4
+    assert reconcile(link=link, client=client)["stored"] == 0
+    assert Annotation.objects.filter(tile=tiles[0]).count() == 1
+
+    # What ana saves in Label Studio is hers in Karyo.
+    (prediction,) = client.list_predictions(task_id=ls_task(link, tiles[1]))
+    client.create_annotation(task_id=ls_task(link, tiles[1]), result=prediction.result[:-1], completed_by=accounts["ana-ls"])
+    assert reconcile(link=link, client=client)["stored"] == 1
+    version = Annotation.objects.get(tile=tiles[1])
+    assert version.author == ana and version.nucleus_count == 3
+    assert made_in_karyo.external_id == ""
