@@ -193,10 +193,13 @@ def test_it_counts_pillow_bands_against_max_pixels(tmp_path):
 
 
 _RSS_PROBE = """
-import json, resource, sys
+import json, sys
 import numpy as np
 from ml_worker.slides import open_slide
-def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss():  # VmHWM: ru_maxrss would include the parent's RSS at fork time (kept across execve)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 before = rss()
 with open_slide(sys.argv[1]) as r:
     w, h = r.dimensions
