@@ -493,7 +493,9 @@ def open_slide(
     reader: SlideReader | None = None
     if head[:4] in _TIFF_MAGIC:
         tf = _inspect_tiff(p, name, max_pixels)
-        reader = _try_openslide(p, name, max_pixels)
+        # OME-TIFF keeps its pyramid in SubIFDs and its pixel size in OME-XML, neither of
+        # which OpenSlide's generic TIFF driver reads: tifffile handles those.
+        reader = None if tf.is_ome else _try_openslide(p, name, max_pixels)
         if reader is None:
             reader = _TiffReader(p, tf)
         else:

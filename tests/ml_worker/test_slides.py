@@ -143,6 +143,21 @@ def test_a_plain_tiff_reports_mpp_from_its_resolution_and_a_png_without_mpp_says
         np.testing.assert_array_equal(r.read_region(10, 20, 50, 40), img[20:60, 10:60])
 
 
+def test_an_ome_tiff_pyramid_is_read_with_its_subifd_levels_and_physical_size(tmp_path):
+    img = np.random.default_rng(1).integers(0, 255, (512, 640, 3), dtype=np.uint8)
+    p = tmp_path / "p.ome.tif"
+    with tifffile.TiffWriter(p, ome=True) as tw:
+        meta = {"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 0.25}
+        tw.write(img, subifds=1, tile=(128, 128), photometric="rgb", metadata=meta)
+        tw.write(img[::2, ::2], subfiletype=1, tile=(128, 128), photometric="rgb")
+    with open_slide(p) as r:
+        assert r.format == "tifffile:ome" and r.level_dimensions == [(640, 512), (320, 256)]
+        assert r.mpp == pytest.approx(0.25)
+        np.testing.assert_array_equal(r.read_region(100, 50, 200, 100), img[50:150, 100:300])
+        np.testing.assert_array_equal(r.read_region(100, 50, 100, 50, level=1), img[::2, ::2][25:75, 50:150])
+        np.testing.assert_array_equal(r.read_at_mpp(100, 50, 100, 50, mpp=0.5), img[::2, ::2][25:75, 50:150])
+
+
 def test_it_rejects_a_file_that_is_not_an_image(tmp_path):
     p = tmp_path / "notes.svs"
     p.write_text("this is not a slide\n" * 20)
