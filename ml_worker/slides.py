@@ -6,8 +6,9 @@
    NDPI/VMS, MIRAX, Leica SCN, Ventana BIF, Philips TIFF, generic tiled TIFF, ...
 2. tifffile: OME-TIFF and any other TIFF (stripped, planar, OME pyramids); regions are read
    by decoding only the tiles/strips that intersect them (tifffile's own segment decoder).
-3. Pillow: PNG / JPEG / anything else Pillow opens. These are decoded whole, so they are
-   small by construction: the pixel limit below is checked from the header first.
+3. Pillow: PNG / JPEG / anything else Pillow opens. These formats have no random access,
+   so they are decoded whole: only ``max_pixels`` (checked from the header first) bounds
+   their memory, and callers that accept uploads must pass it.
 
 Before anything is decoded the *decoded cost* is computed from the headers: the sum over
 all pyramid levels of width * height * samples * planes. A file above ``max_pixels`` is
@@ -41,12 +42,8 @@ __all__ = [
     "SlideReader",
     "open_slide",
     "write_pyramidal_tiff",
-    "DEFAULT_MAX_PIXELS",
 ]
 
-# Matches the platform default for KARYO_MAX_IMAGE_PIXELS order of magnitude: a 150k x 150k
-# RGB slide with its pyramid is ~9e10 decoded samples.
-DEFAULT_MAX_PIXELS = 100_000_000_000
 BACKGROUND = 255
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
