@@ -143,8 +143,7 @@ def upload_page(request, project_id: int):
 def slide_page(request, project_id: int, image_id: int):
     project, role = _member_project(request, project_id)
     image = get_object_or_404(Image, pk=image_id, project=project)
-    # Tiles are sized at the project's working resolution; the viewer scales them to level 0.
-    return _shell(request, "slide", project=project, role=role, image_id=image.pk, working_mpp=project.working_mpp)
+    return _shell(request, "slide", project=project, role=role, image_id=image.pk)
 
 
 @login_required(login_url=LOGIN_URL)

@@ -141,6 +141,8 @@ def server(django_db_setup, django_db_blocker, built_frontend, media_root, tmp_p
     log_path = tmp_path_factory.mktemp("daphne") / "daphne.log"
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
     env.update(DATABASE_URL=database_url, KARYO_MEDIA_ROOT=str(media_root))
+    # Small upload chunks, so a test slide of ~1 MB goes up in several parts (tests/browser/test_slides.py).
+    env.setdefault("KARYO_UPLOAD_CHUNK_BYTES", str(256 * 1024))
     # WhiteNoise serves what is collected when the server starts.
     subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, env=env, check=True)
     assert (Path(settings.STATIC_ROOT) / "manifest.json").exists()

@@ -10,6 +10,7 @@ the other pages: no model is trained here.
 """
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -73,6 +74,16 @@ def predict_every_tile(project, image) -> ModelVersion:
     return version
 
 
+def human_bytes(n: float) -> str:
+    """Sizes as the upload page writes them (frontend/src/pages/images.js humanBytes)."""
+    units = ["B", "KB", "MB", "GB", "TB"]
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n /= 1000
+        i += 1
+    return f"{n} {units[i]}" if i == 0 else f"{n:.{2 if n < 10 else 1}f} {units[i]}"
+
+
 def canvas_ink(page) -> int:
     """Pixels of the overlay canvas that something was drawn on."""
     return page.evaluate("""() => {
@@ -114,7 +125,7 @@ def test_an_admin_uploads_a_slide_watches_it_ingest_and_browses_it_with_nuclei(s
     uploaded = time.perf_counter() - started
     assert puts["chunk0"] >= 2, "the dropped chunk was not sent again"
     detail = s.page.inner_text("[data-testid=upload-detail]")
-    size = f"{path.stat().st_size / 1e6:.2f} MB"  # as the page writes it (decimal units)
+    size = human_bytes(path.stat().st_size)
     assert f"{size} of {size}" in detail, detail
     try:
         s.page.wait_for_selector("[data-testid=upload-row][data-state=ready], [data-testid=upload-row][data-state=failed]",
@@ -185,6 +196,49 @@ def test_an_admin_uploads_a_slide_watches_it_ingest_and_browses_it_with_nuclei(s
     assert s.page.url.endswith(f"/projects/{project.pk}/tiles/{tile.pk}/"), s.page.url
     s.page.wait_for_selector("[data-testid=tile-id]")
     assert s.page.inner_text("[data-testid=tile-id]").strip() == str(tile.pk)
+
+
+def test_an_interrupted_upload_resumes_after_a_reload_sending_only_the_missing_chunks(slide_project, open_session, tmp_path):
+    from backend.images import uploads
+    from backend.images.models import Upload
+
+    project = slide_project["project"]
+    path = tmp_path / "interrupted.svs"
+    write_pyramidal_tiff(path, width=2000, height=1500, mpp=0.5, tile=256, seed=8, tissue_fraction=0.5)
+    s = open_session("admin", PASSWORD)
+    s.goto(f"/projects/{project.pk}/upload/")
+    s.page.wait_for_selector("[data-testid=drop-zone]")
+    # The network goes down for good after the first chunks: the uploader keeps retrying.
+    cut = re.compile(r"/api/uploads/[^/]+/chunks/([2-9]|\d\d+)/$")
+    s.page.route(cut, lambda route: route.abort("connectionrefused"))
+    s.page.set_input_files("[data-testid=file-input]", str(path))
+    s.page.wait_for_selector("[data-testid=upload-row][data-state=offline]", timeout=30_000)
+    upload = Upload.objects.get(project=project)
+    parts = upload.chunk_count
+    assert parts >= 3, f"{parts} parts: the server's chunk size is not the browser tests' 256 KiB"
+    deadline = time.monotonic() + 20
+    while uploads.received_parts(upload) != [0, 1] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert uploads.received_parts(upload) == [0, 1]
+
+    s.page.unroute(cut)
+    s.page.reload()
+    s.page.wait_for_selector("[data-testid=interrupted]")
+    s.page.wait_for_selector("[data-testid=interrupted] >> text=uploaded)")
+    expected = f"{path.name} ({human_bytes(2 * upload.chunk_size)} of {human_bytes(path.stat().st_size)} uploaded)"
+    assert expected in s.page.inner_text("[data-testid=interrupted]")
+    s.shot("16b-upload-interrupted")
+    sent = []
+    s.page.on("request", lambda r: sent.append(int(r.url.rstrip("/").split("/")[-1]))
+              if r.method == "PUT" and "/chunks/" in r.url else None)
+    s.page.set_input_files("[data-testid=file-input]", str(path))
+    s.page.wait_for_selector("[data-testid=upload-row][data-state=ingesting]", timeout=60_000)
+    assert sorted(sent) == list(range(2, parts)), sent
+    assert "resumed at" in s.page.inner_text("[data-testid=upload-detail]")
+    assert s.page.get_attribute("[data-testid=upload-row] [role=progressbar]", "aria-valuenow") == "100"
+    image = Image.objects.get(project=project)
+    assert image.state == ImageState.INGESTING and image.name == path.name
+    assert s.page.locator("[data-testid=interrupted]").count() == 0
 
 
 def test_only_project_admins_see_the_upload_page(slide_project, open_session):

@@ -70,7 +70,7 @@ export async function render(main, { config, socket }) {
     replace(listBody, all.length
       ? h("div", { class: "image-cards", "data-testid": "image-list" }, all.map((img) => imageCard(project, img)))
       : emptyState("No images yet", isAdmin
-        ? "Upload slides (SVS, NDPI, MRXS, SCN, BIF, TIFF) or PNG/JPEG images; large ones go up in resumable chunks."
+        ? "Upload slides (SVS, NDPI, SCN, BIF, pyramidal TIFF) or PNG/JPEG images; large ones go up in resumable chunks."
         : "A project admin uploads slides here."));
   }
 
@@ -121,8 +121,9 @@ function uploadPanel(project, socket, onIngested) {
   const folderInput = h("input", { type: "file", multiple: true, hidden: true, webkitdirectory: true, "data-testid": "folder-input" });
   const zone = h("div", { class: "drop-zone", "data-testid": "drop-zone", tabindex: "0" },
     h("div", { class: "drop-title" }, "Drop slides or folders here"),
-    h("div", { class: "muted small" }, `SVS, NDPI, MRXS, SCN, BIF, TIFF / OME-TIFF, PNG, JPEG. Uploads resume after a dropped connection;
-      after a reload, drop the same file again to continue where it stopped.`),
+    h("div", { class: "muted small" }, `SVS, NDPI, SCN, BIF, pyramidal TIFF / OME-TIFF, PNG, JPEG (MIRAX and other multi-file slides:
+      convert them or use manage.py import_images). Uploads resume after a dropped connection; after a reload, drop the same file
+      again to continue where it stopped.`),
     h("div", { class: "drop-actions" },
       h("button", { type: "button", class: "btn", onclick: () => fileInput.click() }, "Choose files"),
       h("button", { type: "button", class: "btn", onclick: () => folderInput.click() }, "Choose a folder")),
@@ -159,8 +160,20 @@ function uploadPanel(project, socket, onIngested) {
     replace(interrupted, stored.length
       ? h("div", { class: "interrupted-box", "data-testid": "interrupted" },
         h("strong", {}, "Unfinished uploads. "), "Drop the same file again to resume:",
-        h("ul", {}, stored.map((u) => h("li", {}, `${u.name} (${humanBytes(u.size)}) `,
-          h("button", { class: "btn-link", onclick: () => { localStorage.removeItem(u.key); showInterrupted(); } }, "forget")))))
+        h("ul", {}, stored.map((u) => {
+          const sizeText = h("span", {}, `(${humanBytes(u.size)})`);
+          // What the server holds of it (the browser's note may be older than the server's state).
+          api(`/api/uploads/${u.id}/`).then((status) => {
+            sizeText.textContent = `(${humanBytes(status.bytes_received)} of ${humanBytes(u.size)} uploaded)`;
+          }).catch((error) => {
+            if (error.status === 404) {
+              localStorage.removeItem(u.key);
+              showInterrupted();
+            }
+          });
+          return h("li", {}, `${u.name} `, sizeText, " ",
+            h("button", { class: "btn-link", onclick: () => { localStorage.removeItem(u.key); showInterrupted(); } }, "forget"));
+        })))
       : null);
   }
 

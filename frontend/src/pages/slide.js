@@ -27,7 +27,8 @@ function loadOpenSeadragon() {
   return loading.then((osd) => Object.assign(osd, { karyoImages: new URL("images/", base).href }));
 }
 
-const SOURCE_LABELS = { annotation: "latest accepted annotation", prediction: "active model's prediction" };
+const SOURCE_LABELS = { annotation: "latest accepted annotation", prediction: "active model's prediction",
+  mixed: "accepted annotations, else the active model's prediction" };
 
 function legend(mode, range) {
   if (mode === "status") {
@@ -78,10 +79,10 @@ export async function render(main, { config, socket }) {
     replace(body, errorBox(error, () => location.reload()));
     return;
   }
-  // Tiles are sized at the project's working resolution; their footprint on level 0 scales.
-  const factor = image.microns_per_pixel && config.working_mpp ? config.working_mpp / image.microns_per_pixel : 1;
-  const footprints = tiles.map((t) => ({ ...t, w: Math.round(t.w * factor), h: Math.round(t.h * factor) }));
-  const cache = new NucleusCache(footprints);
+  // The tiles endpoint gives each tile's footprint in level-0 px (already scaled from the
+  // working resolution), like the nuclei's polygons.
+  const footprints = tiles;
+  let cache = new NucleusCache(footprints);
   const range = scoreRange(footprints);
   const classColors = Object.fromEntries((project.nucleus_classes || []).map((c) => [c.id, c.color]));
 
@@ -195,6 +196,7 @@ export async function render(main, { config, socket }) {
       parts.push(`${drawn.nuclei.toLocaleString("en")} nuclei in view (${SOURCE_LABELS[state.source] || state.source}).`);
       if (state.truncated) parts.push("Too many to load at once: zoom in for all of them.");
     }
+    if (state.predicting) parts.push(`Predicting the slide: ${state.predicting.done} of ${plural(state.predicting.total, "tile")}.`);
     if (state.fetching) parts.push("Loading outlines…");
     if (state.hover) parts.push(`Tile ${state.hover.id} (${state.hover.status || "unlabelled"}${typeof state.hover.score === "number" ? `, score ${state.hover.score.toFixed(3)}` : ""}): click to open it.`);
     status.textContent = parts.join(" ");
@@ -260,6 +262,19 @@ export async function render(main, { config, socket }) {
       state.hover = null;
       redraw(false);
     },
+  });
+
+  // Whole-slide prediction: progress in the status line; when it ends the outlines are fetched again.
+  socket?.subscribe((event) => {
+    if (event.kind !== "slide.predict" || event.image_id !== image.id) return;
+    const finished = event.total && event.done >= event.total;
+    state.predicting = finished ? null : { done: event.done, total: event.total };
+    if (finished) {
+      cache = new NucleusCache(footprints);
+      state.source = undefined;
+      scheduleFetch();
+    }
+    redraw(false);
   });
 
   // Tile statuses change as people annotate: refresh the grid on those events.
