@@ -264,6 +264,31 @@ def test_a_tile_page_belongs_to_its_project(team, client, make_user):
     assert client.get(f"/projects/{other.pk}/tiles/{tile.pk}/").status_code == 200
 
 
+def test_the_images_and_slide_pages_need_a_member_and_the_upload_page_an_admin(team, client, make_user):
+    from backend.projects.services import create_project
+
+    project = team["project"]
+    other = create_project(name="Other slides", created_by=team["users"]["staff"], tile_size=64)
+    for target in (project, other):
+        client_for(team["users"]["staff"]).post(f"/api/projects/{target.pk}/images/",
+                                               {"file": SimpleUploadedFile("s.png", rgb_png(64, 64, seed=target.pk))},
+                                               format="multipart")
+    finish_ingest()
+    mine = Tile.objects.filter(project=project).latest("pk").image_id
+    theirs = Tile.objects.get(project=other).image_id
+    client.force_login(team["users"]["viewer"])
+    assert client.get(f"/projects/{project.pk}/images/").status_code == 200
+    page = client.get(f"/projects/{project.pk}/images/{mine}/")
+    assert page.status_code == 200 and f'"image_id": {mine}'.encode() in page.content
+    assert client.get(f"/projects/{project.pk}/images/{theirs}/").status_code == 404
+    assert client.get(f"/projects/{project.pk}/upload/").status_code == 403
+    client.force_login(team["users"]["admin"])
+    assert client.get(f"/projects/{project.pk}/upload/").status_code == 200
+    client.force_login(team["users"]["outsider"])
+    for url in (f"/projects/{project.pk}/images/", f"/projects/{project.pk}/images/{mine}/", f"/projects/{project.pk}/upload/"):
+        assert client.get(url).status_code == 404, url
+
+
 def test_signing_in_and_out(team, client):
     page = client.get("/login/")
     assert page.status_code == 200 and b"Sign in" in page.content
