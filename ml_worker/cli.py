@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra model constructor argument (JSON value), repeatable")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="LAST_PT",
                    help="continue a run (default: OUT/last.pt)")
+    t.add_argument("--binary", action="store_true",
+                   help="train one 'nucleus' class even when the data has classes/ (typed nuclei)")
+    t.add_argument("--instance-head", default=None, choices=["hv"],
+                   help="extra head that separates touching nuclei (HoVer-Net-style distance maps)")
+    t.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "step"])
+    t.add_argument("--warmup-epochs", type=int, default=0)
+    t.add_argument("--ema-decay", type=float, default=None, help="average the weights (e.g. 0.99); default off")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     pr = sub.add_parser("predict", help="instance masks for every image in a folder")
@@ -135,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--n", type=_positive_int, default=10)
     sy.add_argument("--size", type=_positive_int, default=256)
     sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--typed", action="store_true", help="nucleus types too (classes/NAME.png, classes.json)")
     sy.add_argument("--out", required=True)
     return p
 
@@ -174,7 +182,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = args.resume or str(out / "last.pt")
         if not Path(resume).is_file():
             raise CLIError(f"nothing to resume: {resume} not found")
+    from ml_worker.data import dataset_class_names
+
     model_kwargs = {**_width_kwargs(args.arch, args.width), **dict(args.model_kw)}
+    if args.instance_head:
+        model_kwargs["instance_head"] = args.instance_head
+    classes = None if args.binary else dataset_class_names(data)
     config = TrainConfig(
         arch=args.arch, model_kwargs=model_kwargs, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer, loss=args.loss,
@@ -183,7 +196,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         early_stopping_patience=args.patience, device=args.device,
         progressive=False if args.no_progressive else None, epochs_per_stage=args.epochs_per_stage,
         encoder_weights=args.encoder_weights, num_threads=args.threads, num_workers=args.workers,
-        resume=resume, out_dir=str(out),
+        resume=resume, out_dir=str(out), classes=classes, lr_schedule=args.lr_schedule,
+        warmup_epochs=args.warmup_epochs, ema_decay=args.ema_decay,
     )
     samples = load_folder(data)
     train_s, val_s = split_by_image(samples, config.val_fraction, seed=config.split_seed)
@@ -287,11 +301,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for f in tqdm(files, unit="image", file=sys.stderr, disable=args.quiet, desc="predict"):
         image = read_image(f)
-        inst, _ = predict_instances(model, image, tile_size=tile, overlap=max(0, tile // 8),
-                                    batch_size=args.batch_size, device=_device(args.device), normalizer=normalizer)
+        inst, probs = predict_instances(model, image, tile_size=tile, overlap=max(0, tile // 8),
+                                        batch_size=args.batch_size, device=_device(args.device), normalizer=normalizer)
         if inst.max(initial=0) > 65535:
             raise CLIError(f"{f.name}: {int(inst.max())} instances do not fit a 16-bit mask")
         write_mask(out / f"{f.stem}.png", inst)
+        if meta.get("classes"):  # typed model: per-pixel class ids beside the masks, as the common layout
+            from PIL import Image as PILImage
+
+            from ml_worker.instances import class_map, instance_classes
+
+            classes, _ = instance_classes(inst, model.class_probabilities(probs))
+            (out / "classes").mkdir(exist_ok=True)
+            PILImage.fromarray(class_map(inst, classes)).save(out / "classes" / f"{f.stem}.png")
     print(f"wrote {len(files)} masks to {out}", file=sys.stderr)
     return 0
 
@@ -313,19 +335,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _, rows = evaluate_samples(model, [s], tile_size=tile, batch_size=args.batch_size,
                                    device=_device(args.device), normalizer=normalizer)
         per_image.extend(rows)
-    keys = [k for k in per_image[0] if k != "name"]
-    mean = {k: float(sum(r[k] for r in per_image) / len(per_image)) for k in keys}
+    keys = sorted({k for r in per_image for k in r if k != "name"})
+    mean = {}
+    for k in keys:  # nan = a class absent from an image: left out, as PanNuke does
+        vals = [r[k] for r in per_image if k in r and math.isfinite(r[k])]
+        mean[k] = float(sum(vals) / len(vals)) if vals else float("nan")
     result = {
         "checkpoint": str(args.checkpoint),
         "arch": meta.get("arch"),
         "data": str(args.data),
         "n_images": len(per_image),
         "tile_size": tile,
-        "mean": mean,
+        "mean": {k: v for k, v in mean.items() if not k.startswith("pq_class")},
         "per_image": per_image,
     }
-    print(json.dumps(result, allow_nan=False, default=_json_default))
+    if "mpq" in mean:
+        names = list(meta.get("classes") or [])
+        result["mpq"], result["bpq"] = mean["mpq"], mean["bpq"]
+        result["per_class"] = {
+            (names[int(k[8:]) - 1] if int(k[8:]) <= len(names) else k[3:]): v
+            for k, v in mean.items() if k.startswith("pq_class")
+        }
+    print(json.dumps(_finite_or_null(result), allow_nan=False, default=_json_default))
     return 0
+
+
+def _finite_or_null(o: Any) -> Any:
+    """nan / inf -> null (a class absent from an image has no PQ), recursively."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite_or_null(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_finite_or_null(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:
@@ -337,7 +380,7 @@ def _json_default(o: Any) -> Any:
 def cmd_synth(args: argparse.Namespace) -> int:
     from ml_worker.synth import write_dataset
 
-    names = write_dataset(args.out, args.n, kind=args.kind, size=args.size, seed=args.seed)
+    names = write_dataset(args.out, args.n, kind=args.kind, size=args.size, seed=args.seed, typed=args.typed)
     print(f"wrote {len(names)} {args.kind} images to {args.out}", file=sys.stderr)
     return 0
 

@@ -44,6 +44,7 @@ __all__ = [
     "Sample",
     "load_folder",
     "split_by_image",
+    "dataset_class_names",
     "preprocess",
     "Preprocessing",
     "tile_grid",
@@ -235,11 +236,32 @@ class Sample:
         name: file stem (unique within a dataset).
         image: (H, W, 3) uint8 RGB.
         instances: (H, W) int32 instance labels, 0 = background.
+        classes: optional (H, W) uint8 per-pixel class ids (1..K nucleus types, 0 =
+            background), as ``classes/NAME.png`` of the common layout. None: untyped.
     """
 
     name: str
     image: np.ndarray
     instances: np.ndarray
+    classes: np.ndarray | None = None
+
+    def instance_classes(self) -> np.ndarray:
+        """Lookup table instance id -> class id (the majority class of its pixels; 1 for
+        every nucleus of an untyped sample; 0 for the background)."""
+        inst = np.asarray(self.instances)
+        n = int(inst.max(initial=0))
+        if self.classes is None:
+            lut = np.ones(n + 1, np.int64)
+            lut[0] = 0
+            return lut
+        cls = np.asarray(self.classes).astype(np.int64)
+        k = int(cls.max(initial=0)) + 1
+        votes = np.bincount(inst.ravel().astype(np.int64) * k + cls.ravel(), minlength=(n + 1) * k).reshape(n + 1, k)
+        votes[:, 0] = 0
+        lut = votes.argmax(axis=1)
+        lut[(votes.sum(axis=1) == 0)] = 1  # a nucleus without a class pixel: the first class
+        lut[0] = 0
+        return lut
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -285,6 +307,12 @@ def load_folder(root: str | os.PathLike[str]) -> list[Sample]:
             f"{len(missing)} image(s) without a mask in {mask_dir}: "
             f"{', '.join(missing[:3])}{more}"
         )
+    class_dir = root / "classes"
+    class_files = _index_files(class_dir, MASK_EXTS) if class_dir.is_dir() else None
+    if class_files is not None:
+        missing = [n for n in images if n not in class_files]
+        if missing:
+            raise DataError(f"{len(missing)} image(s) without a class map in {class_dir}: {', '.join(missing[:3])}")
     samples = []
     for name, ipath in images.items():
         image = read_image(ipath)
@@ -294,8 +322,33 @@ def load_folder(root: str | os.PathLike[str]) -> list[Sample]:
                 f"{name}: image is {image.shape[0]}x{image.shape[1]} but mask is "
                 f"{inst.shape[0]}x{inst.shape[1]} (HxW)"
             )
-        samples.append(Sample(name, image, inst))
+        classes = None
+        if class_files is not None:
+            classes = read_mask(class_files[name])
+            if classes.shape != inst.shape:
+                raise DataError(f"{name}: class map is {classes.shape} but mask is {inst.shape} (HxW)")
+            if int(classes.max(initial=0)) > 255:
+                raise DataError(f"{name}: class ids must be 0..255, found {int(classes.max())}")
+            classes = classes.astype(np.uint8)
+        samples.append(Sample(name, image, inst, classes))
     return samples
+
+
+def dataset_class_names(root: str | os.PathLike[str]) -> list[str] | None:
+    """Names of the nucleus classes of a typed dataset: ``classes.json`` (a list) when present,
+    else ``class1..classK`` from the largest id in ``classes/``; None for an untyped one."""
+    import json
+
+    root = Path(root)
+    if (root / "classes.json").is_file():
+        names = json.loads((root / "classes.json").read_text())
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{root / 'classes.json'} must be a JSON list of class names")
+        return names
+    if not (root / "classes").is_dir():
+        return None
+    k = max((int(s.classes.max(initial=0)) for s in load_folder(root) if s.classes is not None), default=0)
+    return [f"class{i}" for i in range(1, k + 1)]
 
 
 def split_by_image(
@@ -508,7 +561,8 @@ def _define_patch_dataset() -> type:
                 of a uniform position (useful for sparse Pap smears).
 
         Items are dicts:
-            ``image`` (3, T, T) float32, ``mask`` (T, T) int64 semantic (1 = nucleus),
+            ``image`` (3, T, T) float32, ``mask`` (T, T) int64 semantic (each nucleus' class
+            id, 1 for untyped samples),
             ``instances`` (T, T) int64 instance ids.
         """
 
@@ -536,6 +590,7 @@ def _define_patch_dataset() -> type:
             self.images = [
                 s.image if normalizer is None else normalizer.transform(s.image) for s in self.samples
             ]
+            self.class_luts = [s.instance_classes() for s in self.samples]
             areas = np.array([s.image.shape[0] * s.image.shape[1] for s in self.samples], float)
             self.weights = areas / areas.sum()
             t = self.tile_size
@@ -591,9 +646,12 @@ def _define_patch_dataset() -> type:
             else:
                 x_arr = preprocess(img)
             ins_t = torch.from_numpy(np.ascontiguousarray(ins, dtype=np.int64))
+            # Semantic target: each nucleus' class (1 for untyped data), from its instance id,
+            # so it follows the instances through every augmentation.
+            lut = torch.from_numpy(self.class_luts[i])
             return {
                 "image": torch.from_numpy(x_arr),
-                "mask": (ins_t > 0).long(),
+                "mask": lut[ins_t.clamp(max=lut.numel() - 1)],
                 "instances": ins_t,
             }
 

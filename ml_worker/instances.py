@@ -27,6 +27,8 @@ __all__ = [
     "split_touching",
     "semantic_to_instances",
     "multihead_to_instances",
+    "instance_classes",
+    "class_map",
 ]
 
 # 4-connectivity for components: a diagonal touch is not enough to merge two nuclei, which
@@ -291,3 +293,42 @@ def _h_maxima_per_component(dist: np.ndarray, comps: np.ndarray, h: float) -> np
 def _disk(r: int) -> np.ndarray:
     y, x = np.ogrid[-r : r + 1, -r : r + 1]
     return (x * x + y * y) <= r * r
+
+
+def instance_classes(inst: np.ndarray, class_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class of each predicted nucleus from a softmax output.
+
+    Args:
+        inst: (H, W) instance map, labels 1..N.
+        class_probs: (K + 1, H, W) class probabilities, channel 0 = background.
+
+    Returns:
+        ``(classes, confidence)``: arrays of length N + 1 indexed by instance id (entry 0 is
+        the background: class 0, confidence 0). A nucleus' class is the foreground class with
+        the largest summed probability over its pixels (the soft majority of its pixels);
+        its confidence is that class' share of the nucleus' foreground probability, in
+        [1/K, 1]. With one foreground class every nucleus is class 1, confidence 1.
+    """
+    inst = np.asarray(inst)
+    p = np.asarray(class_probs, dtype=np.float64)
+    if p.ndim != 3 or p.shape[1:] != inst.shape:
+        raise ValueError(f"expected (K+1, H, W) probabilities for a {inst.shape} map, got {p.shape}")
+    n = int(inst.max(initial=0))
+    k = p.shape[0] - 1
+    classes = np.zeros(n + 1, np.int64)
+    confidence = np.zeros(n + 1, np.float64)
+    if n == 0 or k < 1:
+        return classes, confidence
+    ids = inst.ravel().astype(np.int64)
+    sums = np.stack([np.bincount(ids, weights=p[c + 1].ravel(), minlength=n + 1) for c in range(k)], axis=1)
+    total = sums.sum(axis=1)
+    classes[1:] = sums[1:].argmax(axis=1) + 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence[1:] = np.where(total[1:] > 0, sums[1:].max(axis=1) / total[1:], 0.0)
+    return classes, confidence
+
+
+def class_map(inst: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 per-pixel class ids from an instance map and its per-instance classes."""
+    lut = np.asarray(classes, dtype=np.uint8)
+    return lut[np.asarray(inst).astype(np.int64)]

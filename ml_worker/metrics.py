@@ -27,11 +27,14 @@ Edge cases (documented contract, tested):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "typed_panoptic_quality",
     "dice",
     "precision",
     "recall",
@@ -373,4 +376,40 @@ def all_metrics(pred_inst: np.ndarray, true_inst: np.ndarray) -> dict[str, float
         "pq": pq,
         "n_pred": float(tab.n_pred),
         "n_true": float(tab.n_true),
+    }
+
+
+def typed_panoptic_quality(
+    pred_inst: np.ndarray, pred_classes: np.ndarray, true_inst: np.ndarray, true_classes: np.ndarray,
+    num_classes: int,
+) -> dict[str, Any]:
+    """PanNuke's typed panoptic quality for one image (Gamper et al. 2020).
+
+    For each nucleus class c = 1..``num_classes`` the predicted and true nuclei of class c are
+    matched on their own (IoU > 0.5) and PQ_c computed; a class absent from both prediction
+    and truth in this image is ``nan`` (left out of the averages, as in PanNuke's code).
+
+    Args:
+        pred_inst, true_inst: (H, W) instance maps.
+        pred_classes, true_classes: (H, W) per-pixel class ids (one class per nucleus).
+        num_classes: K, the number of nucleus classes.
+
+    Returns:
+        ``{"bpq": binary PQ (classes ignored), "per_class": {c: PQ_c or nan},
+        "mpq": mean of the non-nan PQ_c (nan when every class is absent)}``.
+    """
+    pred_inst, true_inst = _check_shapes(pred_inst, true_inst)
+    per_class: dict[int, float] = {}
+    for c in range(1, int(num_classes) + 1):
+        p = np.where(np.asarray(pred_classes) == c, pred_inst, 0)
+        t = np.where(np.asarray(true_classes) == c, true_inst, 0)
+        if not p.any() and not t.any():
+            per_class[c] = float("nan")
+            continue
+        per_class[c] = panoptic_quality(contingency(p, t))[2]
+    present = [v for v in per_class.values() if not math.isnan(v)]
+    return {
+        "bpq": panoptic_quality(contingency(pred_inst, true_inst))[2],
+        "per_class": per_class,
+        "mpq": float(np.mean(present)) if present else float("nan"),
     }

@@ -26,9 +26,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["generate", "write_dataset", "KINDS"]
+__all__ = ["generate", "generate_typed", "write_dataset", "KINDS", "CLASS_NAMES"]
 
 KINDS = ("pap", "he")
+
+#: nucleus types of the typed generator, class id = index + 1 (0 = background)
+CLASS_NAMES = {
+    "he": ("epithelial", "lymphocyte", "stromal"),
+    "pap": ("superficial", "intermediate", "parabasal", "atypical", "inflammatory"),
+}
 
 _CROSS = ndi.generate_binary_structure(2, 1)
 
@@ -189,15 +195,19 @@ def _draw_nuclei(
     rng: np.random.Generator,
     shape: tuple[int, int],
     specs: list[tuple[float, float, float, float, float, float]],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Paint nuclei in order; returns (uint16 labels, float32 hematoxylin concentration).
+    types: list[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Paint nuclei in order; returns (uint16 labels, float32 hematoxylin concentration,
+    uint8 class map or None).
 
     specs: (cy, cx, r, conc, max_aspect, irregularity) per nucleus, drawing order.
+    types: class id per spec (typed generator), or None.
     """
     labels = np.zeros(shape, np.int32)
     hema = np.zeros(shape, np.float32)
+    painted = np.zeros(shape, np.uint8) if types is not None else None
     k = 0
-    for cy, cx, r, conc, max_aspect, irr in specs:
+    for i, (cy, cx, r, conc, max_aspect, irr) in enumerate(specs):
         blob = _random_blob(rng, cy, cx, r, max_aspect, irr)
         ras = blob.rasterize(shape)
         if ras is None:
@@ -208,6 +218,8 @@ def _draw_nuclei(
             continue
         k += 1
         labels[sl][inside] = k
+        if painted is not None:
+            painted[sl][inside] = types[i]  # type: ignore[index]
         # Darker rim (nuclear membrane / chromatin margination), optional nucleolus.
         prof = conc * (0.8 + 0.4 * np.clip(rho, 0, 1) ** 4)
         hema[sl] += np.where(inside, prof, 0.0).astype(np.float32)
@@ -218,7 +230,18 @@ def _draw_nuclei(
             spot = np.exp(-(yy * yy + xx * xx) / (2 * (0.12 * r) ** 2))
             hema[sl] += np.where(inside, 0.8 * conc * spot, 0.0).astype(np.float32)
     labels = _make_connected(labels, _MIN_INSTANCE_PX)
-    return labels, hema
+    classes = None
+    if painted is not None:
+        # Slivers re-assigned by _make_connected take their new owner's class: one class per
+        # nucleus, its pixels' majority.
+        n = int(labels.max())
+        votes = np.zeros((n + 1, 256), np.int64)
+        np.add.at(votes, (labels.ravel(), painted.ravel()), 1)
+        votes[:, 0] = 0
+        lut = votes.argmax(axis=1).astype(np.uint8)
+        lut[0] = 0
+        classes = lut[labels]
+    return labels, hema, classes
 
 
 def _finish(
@@ -237,8 +260,9 @@ def _finish(
 
 
 def _generate_he(
-    rng: np.random.Generator, shape: tuple[int, int], n: int | None, radius: tuple[float, float]
-) -> tuple[np.ndarray, np.ndarray]:
+    rng: np.random.Generator, shape: tuple[int, int], n: int | None, radius: tuple[float, float],
+    typed: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     h, w = shape
     rmin, rmax = radius
     hvec = _jitter_stain(rng, _HEMATOXYLIN, 0.06)
@@ -260,24 +284,31 @@ def _generate_he(
         mean_area = math.pi * ((rmin + rmax) / 2) ** 2
         n = int(rng.uniform(0.18, 0.32) * h * w / mean_area)
     specs = []
+    types: list[int] = []
     for cy, cx, r in _place_nuclei(rng, shape, n, rmin, rmax, cluster_p=0.35):
-        lympho = rng.random() < 0.2
-        if lympho:  # small, round, dark
+        u = rng.random()
+        if u < 0.2:  # lymphocyte: small, round, dark
             r = max(rmin, 0.7 * r)
             specs.append((cy, cx, r, rng.uniform(1.4, 1.9), 1.15, 0.08))
-        else:  # larger, oval, paler with chromatin texture
+            types.append(2)
+        elif typed and u < 0.45:  # stromal (fibroblast): thin, spindle-shaped, dark
+            specs.append((cy, cx, max(rmin, 0.9 * r), rng.uniform(1.3, 1.7), 3.2, 0.06))
+            types.append(3)
+        else:  # epithelial: larger, oval, paler with chromatin texture
             specs.append((cy, cx, r, rng.uniform(0.8, 1.4), 1.9, 0.25))
-    labels, hema = _draw_nuclei(rng, shape, specs)
+            types.append(1)
+    labels, hema, classes = _draw_nuclei(rng, shape, specs, types if typed else None)
     hema *= labels > 0
     hema *= np.clip(1.0 + 0.3 * _noise(rng, shape, 1.2), 0.3, None)
     eosin = eosin * np.where(labels > 0, 0.5, 1.0)
     od = hema[..., None] * hvec + eosin[..., None] * evec + 0.03
-    return _finish(rng, od.astype(np.float32), (0.4, 1.0), (1.0, 3.5)), labels
+    return _finish(rng, od.astype(np.float32), (0.4, 1.0), (1.0, 3.5)), labels, classes
 
 
 def _generate_pap(
-    rng: np.random.Generator, shape: tuple[int, int], n: int | None, radius: tuple[float, float]
-) -> tuple[np.ndarray, np.ndarray]:
+    rng: np.random.Generator, shape: tuple[int, int], n: int | None, radius: tuple[float, float],
+    typed: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     h, w = shape
     rmin, rmax = radius
     hvec = _jitter_stain(rng, _HEMATOXYLIN * np.array([0.9, 1.0, 1.3]), 0.05)  # bluer
@@ -292,6 +323,7 @@ def _generate_pap(
         n = max(2, int(rng.uniform(0.45, 0.8) * h * w / (math.pi * cell_scale**2)))
     n_cells = n
     specs = []
+    types: list[int] = []
     for _ in range(n_cells):
         # Centres inside the tile (the cytoplasm may still spill over the border), so
         # every epithelial cell contributes a visible nucleus.
@@ -311,15 +343,32 @@ def _generate_pap(
         d = rng.uniform(0, 0.35) * rc
         r = rng.uniform(rmin, rmax)
         conc = np.interp(r, [rmin, rmax], [1.9, 1.1]) * rng.uniform(0.85, 1.15)
-        specs.append((cy + d * math.sin(t), cx + d * math.cos(t), r, conc, 1.5, 0.15))
+        aspect, irr, kind = 1.5, 0.15, 2
+        if typed:
+            # Maturation: superficial cells have small pyknotic nuclei, intermediate ones
+            # vesicular mid-sized nuclei, parabasal cells large round nuclei; atypical nuclei
+            # are enlarged, irregular and hyperchromatic.
+            kind = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.2, 0.15]))
+            if kind == 1:
+                r, conc, aspect, irr = max(2.5, 0.45 * rmin + 0.1 * rmax), rng.uniform(2.0, 2.4), 1.1, 0.05
+            elif kind == 2:
+                r, conc = rmin + 0.35 * (rmax - rmin) * rng.uniform(0.8, 1.2), rng.uniform(1.1, 1.4)
+            elif kind == 3:
+                r, conc, aspect = rmax * rng.uniform(0.85, 1.0), rng.uniform(1.0, 1.3), 1.2
+            else:
+                r, conc, aspect, irr = rmax * rng.uniform(1.1, 1.35), rng.uniform(1.9, 2.4), 1.7, 0.45
+        specs.append((cy + d * math.sin(t), cx + d * math.cos(t), r, conc, aspect, irr))
+        types.append(kind)
     # Inflammatory cells: small dark nuclei with scant cytoplasm, often in small groups.
     n_infl = int(rng.integers(0, max(2, n_cells // 2) + 1))
     for _ in range(n_infl):
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
         r = max(2.5, 0.55 * rmin + 0.2 * rmax) * rng.uniform(0.8, 1.1)
         specs.append((cy, cx, r, rng.uniform(1.6, 2.2), 1.3, 0.35))
+        types.append(5)
     order = rng.permutation(len(specs)) if rng.random() < 0.3 else np.arange(len(specs))
-    labels, hema = _draw_nuclei(rng, shape, [specs[i] for i in order])
+    labels, hema, classes = _draw_nuclei(rng, shape, [specs[i] for i in order],
+                                         [types[i] for i in order] if typed else None)
     hema *= labels > 0
     hema *= np.clip(1.0 + 0.25 * _noise(rng, shape, 1.2), 0.3, None)
     cyto_tex = 1 + 0.2 * _noise(rng, shape, 3)
@@ -329,7 +378,7 @@ def _generate_pap(
         + (green_c * cyto_tex)[..., None] * green
         + hema[..., None] * hvec
     )
-    return _finish(rng, od.astype(np.float32), (0.5, 1.1), (1.0, 3.0)), labels
+    return _finish(rng, od.astype(np.float32), (0.5, 1.1), (1.0, 3.0)), labels, classes
 
 
 def generate(
@@ -356,9 +405,36 @@ def generate(
     Returns:
         image (H, W, 3) uint8 RGB, instances (H, W) uint16 (0 = background, 1..N).
     """
+    image, labels, _ = _render(kind, size, seed, n_nuclei, nucleus_radius, typed=False)
+    return image, labels
+
+
+def generate_typed(
+    kind: str = "he",
+    size: int | tuple[int, int] = 256,
+    seed: int | None = 0,
+    n_nuclei: int | None = None,
+    nucleus_radius: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`generate`, with nucleus types (:data:`CLASS_NAMES`) that differ in size,
+    shape, chromatin density and stain, so that class learning is testable.
+
+    Returns:
+        image (H, W, 3) uint8, instances (H, W) uint16, classes (H, W) uint8 (per-pixel class
+        id, one class per nucleus, 0 = background).
+    """
+    image, labels, classes = _render(kind, size, seed, n_nuclei, nucleus_radius, typed=True)
+    assert classes is not None
+    return image, labels, classes
+
+
+def _render(
+    kind: str, size: int | tuple[int, int], seed: int | None, n_nuclei: int | None,
+    nucleus_radius: tuple[float, float] | None, typed: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
-    shape = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    shape = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))  # type: ignore[index]
     if shape[0] <= 0 or shape[1] <= 0:
         raise ValueError(f"size must be positive, got {size}")
     radius = tuple(map(float, nucleus_radius or _DEFAULT_RADIUS[kind]))
@@ -366,7 +442,7 @@ def generate(
         raise ValueError(f"nucleus_radius must be 0 < min <= max, got {nucleus_radius}")
     rng = np.random.default_rng(seed)
     fn = _generate_he if kind == "he" else _generate_pap
-    return fn(rng, shape, n_nuclei, radius)  # type: ignore[arg-type]
+    return fn(rng, shape, n_nuclei, radius, typed)  # type: ignore[arg-type]
 
 
 def write_dataset(
@@ -376,12 +452,14 @@ def write_dataset(
     size: int | tuple[int, int] = 256,
     seed: int = 0,
     prefix: str | None = None,
+    typed: bool = False,
 ) -> list[str]:
     """Write ``n_images`` tiles in the common layout and return their names.
 
     Layout: ``out_dir/images/NAME.png`` (RGB) and ``out_dir/masks/NAME.png`` (16-bit
-    instance labels). Image i uses seed ``seed + i``, so datasets are reproducible and a
-    larger dataset extends a smaller one.
+    instance labels); with ``typed``, also ``out_dir/classes/NAME.png`` (8-bit class ids,
+    :data:`CLASS_NAMES`) and ``out_dir/classes.json`` (the names). Image i uses seed
+    ``seed + i``, so datasets are reproducible and a larger dataset extends a smaller one.
     """
     from PIL import Image
 
@@ -392,9 +470,18 @@ def write_dataset(
     (out / "masks").mkdir(parents=True, exist_ok=True)
     prefix = prefix if prefix is not None else f"{kind}_"
     names = []
+    if typed:
+        import json
+
+        (out / "classes").mkdir(parents=True, exist_ok=True)
+        (out / "classes.json").write_text(json.dumps(list(CLASS_NAMES[kind])))
     for i in range(n_images):
         name = f"{prefix}{i:04d}"
-        img, inst = generate(kind, size, seed + i)
+        if typed:
+            img, inst, cls = generate_typed(kind, size, seed + i)
+            Image.fromarray(cls).save(out / "classes" / f"{name}.png")
+        else:
+            img, inst = generate(kind, size, seed + i)
         Image.fromarray(img).save(out / "images" / f"{name}.png")
         write_mask(out / "masks" / f"{name}.png", inst)
         names.append(name)

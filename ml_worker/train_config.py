@@ -75,6 +75,9 @@ class TrainConfig:
             over ``bn_recalibrate_patches`` un-augmented training patches with the weights being
             validated ("precise BN"); the statistics then saved are those.
         bn_recalibrate_patches: patches for that recalibration.
+        classes: names of the nucleus types (class ids 1..K of the samples' class maps); the
+            model then predicts background + K classes (softmax architectures only). None:
+            one "nucleus" class (binary), whatever class maps the samples carry.
         input_norm: ``dataset`` (per-channel mean / std of the stain-normalised training
             images, fixed and stored in the checkpoint: a pixel gets the same input value in a
             training patch, a 256-px tile and a whole slide) or ``image`` (the older per-image
@@ -125,6 +128,7 @@ class TrainConfig:
     bn_recalibrate: bool = True
     bn_recalibrate_patches: int = 32
     input_norm: str = "dataset"
+    classes: list[str] | None = None
     num_threads: int | None = None
     num_workers: int = 0
     resume: str | None = None
@@ -174,6 +178,13 @@ class TrainConfig:
             raise ValueError(f"lr_step_gamma must be in (0, 1], got {self.lr_step_gamma}")
         if self.ema_decay is not None and not 0.0 <= float(self.ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.classes is not None:
+            if not isinstance(self.classes, list | tuple) or not self.classes or len(self.classes) > 254 or not all(
+                    isinstance(c, str) and c for c in self.classes):
+                raise ValueError("classes must be a non-empty list of at most 254 class names")
+            if "num_classes" in self.model_kwargs and int(self.model_kwargs["num_classes"]) != len(self.classes) + 1:
+                raise ValueError("model_kwargs num_classes disagrees with classes (background + one per class)")
+            self.classes = [str(c) for c in self.classes]
         if int(self.bn_recalibrate_patches) < 2:
             raise ValueError(f"bn_recalibrate_patches must be >= 2, got {self.bn_recalibrate_patches}")
         if float(self.lr) <= 0 or float(self.stage_lr_new) <= 0 or float(self.stage_lr_old) < 0:

@@ -77,7 +77,8 @@ import torch.nn.functional as F
 from ml_worker.checkpoint import load_checkpoint, save_checkpoint
 from ml_worker.data import DataError, Preprocessing, Sample, load_folder, split_by_image
 from ml_worker.inference import pick_device, predict_probs
-from ml_worker.metrics import all_metrics
+from ml_worker.instances import class_map, instance_classes
+from ml_worker.metrics import all_metrics, typed_panoptic_quality
 from ml_worker.models import KaryoModel, create_model
 from ml_worker.stain import StainNormalizer, make_normalizer, normalizer_from_dict, tissue_mask
 from ml_worker.schedule import (
@@ -122,6 +123,19 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return a if a.dtype == np.uint8 else np.clip(a, 0, 255).astype(np.uint8)
 
 
+def _typed(config: TrainConfig, samples: list[Sample]) -> list[Sample]:
+    """Samples as the run sees them: class maps dropped for a binary run, checked against the
+    class list for a typed one."""
+    if not config.classes:
+        return [Sample(s.name, s.image, s.instances) if s.classes is not None else s for s in samples]
+    k = len(config.classes)
+    for s in samples:
+        if s.classes is not None and int(np.asarray(s.classes).max(initial=0)) > k:
+            raise DataError(f"sample {s.name!r} has class id {int(np.asarray(s.classes).max())}, "
+                            f"but the run has {k} classes")
+    return samples
+
+
 def _clean_samples(samples: Sequence[Sample], what: str) -> list[Sample]:
     out = []
     for s in samples:
@@ -129,7 +143,10 @@ def _clean_samples(samples: Sequence[Sample], what: str) -> list[Sample]:
         inst = np.asarray(s.instances)
         if img.shape[:2] != inst.shape:
             raise DataError(f"{what} sample {s.name!r}: image {img.shape[:2]} and mask {inst.shape} differ")
-        out.append(Sample(s.name, img, inst.astype(np.int32, copy=False)))
+        classes = None if s.classes is None else np.asarray(s.classes)
+        if classes is not None and classes.shape != inst.shape:
+            raise DataError(f"{what} sample {s.name!r}: class map {classes.shape} and mask {inst.shape} differ")
+        out.append(Sample(s.name, img, inst.astype(np.int32, copy=False), classes))
     return out
 
 
@@ -193,11 +210,28 @@ def evaluate_samples(
             probs = predict_probs(model, img, tile_size=tile_size, overlap=ov, batch_size=batch_size,
                                   device=device, normalizer=normalizer)
         inst = np.asarray(model.to_instances(probs), dtype=np.int32)
-        m = all_metrics(inst, np.asarray(s.instances))
-        per_image.append({"name": s.name, **{k: float(v) for k, v in m.items()}})
-    keys = [k for k in per_image[0] if k != "name"] if per_image else []
-    mean = {k: float(np.mean([p[k] for p in per_image])) for k in keys}
+        m: dict[str, Any] = {k: float(v) for k, v in all_metrics(inst, np.asarray(s.instances)).items()}
+        k_classes = int(getattr(model, "num_classes", 2)) - 1
+        if s.classes is not None and k_classes > 1 and _is_softmax(model):
+            cls_probs = model.class_probabilities(probs)
+            classes, _ = instance_classes(inst, cls_probs)
+            pred_cls = class_map(inst, classes)
+            true_cls = class_map(s.instances, s.instance_classes())
+            t = typed_panoptic_quality(inst, pred_cls, np.asarray(s.instances), true_cls, k_classes)
+            m["mpq"], m["bpq"] = t["mpq"], t["bpq"]
+            m.update({f"pq_class{c}": v for c, v in t["per_class"].items()})
+        per_image.append({"name": s.name, **m})
+    keys = sorted({k for p in per_image for k in p if k != "name"}, key=lambda k: (k.startswith("pq_class"), k))
+    # nanmean: a class absent from an image (nan) does not count for that image (PanNuke).
+    mean = {}
+    for k in keys:
+        vals = [p[k] for p in per_image if k in p and not math.isnan(p[k])]
+        mean[k] = float(np.mean(vals)) if vals else float("nan")
     return mean, per_image
+
+
+def _is_softmax(model: KaryoModel) -> bool:
+    return type(model).activation is KaryoModel.activation
 
 
 def _set_threads(n: int | None) -> int:
@@ -244,8 +278,8 @@ def train(
     """
     t_start = time.perf_counter()
     config.validate()
-    train_samples = _clean_samples(train_samples, "training")
-    val_samples = _clean_samples(val_samples, "validation")
+    train_samples = _typed(config, _clean_samples(train_samples, "training"))
+    val_samples = _typed(config, _clean_samples(val_samples, "validation"))
     if not train_samples:
         raise DataError("no training images")
     out_dir = Path(config.out_dir)
@@ -296,6 +330,13 @@ def _train(
 def _build_model(config: TrainConfig) -> KaryoModel:
     torch.manual_seed(int(config.seed))
     kwargs = dict(config.model_kwargs)
+    if config.classes:
+        from ml_worker.models import MODELS, KaryoModel as _Base
+
+        if MODELS[config.arch].activation is not _Base.activation:
+            raise ValueError(f"{config.arch!r} predicts no nucleus classes; train it without classes "
+                             f"or choose a softmax architecture")
+        kwargs["num_classes"] = len(config.classes) + 1
     if config.encoder_weights:
         kwargs["encoder_weights"] = config.encoder_weights
     try:
@@ -419,7 +460,7 @@ class _Run:
     def _extra(self) -> dict[str, Any]:
         stain = self.prep.stain.to_dict() if self.prep.stain is not None else None
         return {"config": self.config.to_dict(), "history": self.history, "stain": stain,
-                "preprocess": self.prep.to_dict()}
+                "preprocess": self.prep.to_dict(), "classes": list(self.config.classes or [])}
 
     # ------------------------------------------------------------------ the loop
     def loop(self) -> str:
@@ -579,7 +620,8 @@ def _resample_batch(batch: dict[str, torch.Tensor], size: int) -> dict[str, torc
     """Progressive growing: image (area) and instance maps (nearest) down to ``size``."""
     image = F.interpolate(batch["image"], size=(size, size), mode="area")
     inst = F.interpolate(batch["instances"][:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-    return {"image": image, "mask": (inst > 0).long(), "instances": inst}
+    mask = F.interpolate(batch["mask"][:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+    return {"image": image, "mask": mask, "instances": inst}
 
 
 def train_from_folder(

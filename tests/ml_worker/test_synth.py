@@ -52,8 +52,8 @@ def test_nuclei_are_darker_than_their_surroundings(kind):
 def test_the_later_drawn_nucleus_owns_the_overlap():
     rng = np.random.default_rng(0)
     # Two round, smooth nuclei (aspect 1, irregularity 0) overlapping around x = 30.
-    labels, _ = _draw_nuclei(rng, (40, 60), [(20, 22, 10, 1.0, 1.0, 0.0),
-                                            (20, 38, 10, 1.0, 1.0, 0.0)])
+    labels, _, _ = _draw_nuclei(rng, (40, 60), [(20, 22, 10, 1.0, 1.0, 0.0),
+                                               (20, 38, 10, 1.0, 1.0, 0.0)])
     assert labels.max() == 2
     assert labels[20, 30] == 2 and labels[20, 15] == 1
 
