@@ -126,21 +126,24 @@ def predict_tiles(
     q: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch) * max(1, batch_size))
     stop = threading.Event()
 
+    def put(item: Any) -> bool:
+        """Blocking put that gives up once the consumer has gone (generator closed)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def producer() -> None:
         try:
             for r in rects:
-                item = load(r)
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(load(r)):
                     return
-            q.put(_DONE)
+            put(_DONE)
         except BaseException as e:  # re-raised in the consumer
-            q.put(e)
+            put(e)
 
     thread = threading.Thread(target=producer, name="karyo-slide-prefetch", daemon=True)
     was_training = model.training

@@ -156,3 +156,43 @@ def test_whole_slide_inference_equals_predicting_the_read_tile_directly(slide_pa
     with torch.no_grad():
         p = _activation(model, model(torch.from_numpy(preprocess(tile))[None]))[0].numpy()
     assert np.abs(s["probs"].astype(np.float32) - p).max() < 2e-3
+
+
+class _FailingReader:
+    """A real reader whose third tile read fails like a damaged slide would."""
+
+    def __init__(self, reader):
+        self.reader, self.calls = reader, 0
+
+    def __getattr__(self, name):
+        return getattr(self.reader, name)
+
+    def read_at_mpp(self, *args, **kwargs):
+        from ml_worker.slides import SlideError
+
+        self.calls += 1
+        if self.calls == 3:
+            raise SlideError("the slide's pixel data cannot be decoded")
+        return self.reader.read_at_mpp(*args, **kwargs)
+
+
+def test_a_read_error_in_the_prefetch_thread_reaches_the_caller(slide_path):
+    from ml_worker.slides import SlideError
+
+    model = create_model("unet", width=8, depth=2)
+    rects = [(x, 0, 128, 128) for x in range(0, 1024, 128)]
+    with open_slide(slide_path) as r:
+        with pytest.raises(SlideError, match="cannot be decoded"):
+            list(predict_tiles(model, _FailingReader(r), rects, mpp=0.25, batch_size=2, device="cpu"))
+
+
+def test_closing_the_result_iterator_early_stops_the_prefetch_thread(slide_path):
+    import threading
+
+    model = create_model("unet", width=8, depth=2)
+    rects = [(x, y, 128, 128) for y in range(0, 1024, 128) for x in range(0, 1024, 128)]
+    with open_slide(slide_path) as r:
+        it = predict_tiles(model, r, rects, mpp=0.25, batch_size=2, prefetch=1, device="cpu")
+        next(it)
+        it.close()
+    assert not any(t.name == "karyo-slide-prefetch" and t.is_alive() for t in threading.enumerate())
