@@ -31,6 +31,15 @@ Protocol (per seed, identical for every strategy):
    does not), the area under the learning curves (normalised by the x range: the mean
    Dice / AJI over the budget), and everything per seed in JSON.
 
+6. **Cold start** (strategies with ``cold_start``: ``typical``, ``adaptive``): the seed set
+   itself is chosen by typicality (``active_learning.coldstart``) on embeddings of an
+   *untrained* model (seeded like the run) — or, with the ``+ssl`` suffix, of the encoder
+   pretrained self-supervised on the pool tiles (``ml_worker.ssl``), whose weights then also
+   start every training of that run. ``random+ssl`` isolates the effect of the pretrained
+   weights. Every other strategy starts from the shared random seed set.
+7. ``--budget quick`` (CI-sized) / ``--budget standard`` set the sizes; ``--data
+   synth:pap:N:SIZE`` generates a Pap-smear-like set (``ml_worker.synth``) instead of a folder.
+
 Outputs: a table on stdout, ``OUT/al_sim.json`` and ``OUT/al_sim.png`` (learning curves with
 ±std bands, effort per round). Every number is measured in the run.
 """
@@ -52,6 +61,7 @@ import numpy as np
 
 from ml_worker.active_learning import (
     STRATEGIES,
+    FixesStrategy,
     aggregate_effort,
     analyze_tiles,
     correction_effort,
@@ -59,6 +69,7 @@ from ml_worker.active_learning import (
     get_strategy,
     rank,
 )
+from ml_worker.active_learning.coldstart import typical_diverse
 from ml_worker.al_sim_report import TARGET_FRACTION, format_report, plot, summarize
 from ml_worker.data import DataError, Sample, load_folder, split_by_image
 
@@ -134,12 +145,14 @@ class SimConfig:
     device: str = "auto"
     threads: int | None = 1
     quick: bool = False
+    budget: str | None = None
+    ssl_steps: int = 150
 
     def validate(self) -> None:
         if not self.strategies:
             raise ValueError("no strategy given")
         for s in self.strategies:
-            get_strategy(s)  # ValueError listing the known names
+            get_strategy(base_strategy(s))  # ValueError listing the known names
         if len(set(self.strategies)) != len(self.strategies):
             raise ValueError("a strategy is listed twice")
         for name in ("rounds", "batch", "seeds", "tile", "patch", "train_batch", "epoch_patches",
@@ -175,6 +188,22 @@ class SimConfig:
 QUICK: dict[str, Any] = dict(rounds=6, batch=4, init=4, seeds=2, tile=64, patch=64, epoch_patches=128,
                              init_epochs=3, epochs_per_round=1, eval_tile=256, held_out=3, pool_limit=300)
 
+#: ``--budget`` presets: ``quick`` is CI-sized (minutes on a free CPU), ``standard`` the study's
+#: figures (5 seeds, 128-px pool tiles; about an hour on a free 2-core CPU for five strategies)
+BUDGETS: dict[str, dict[str, Any]] = {
+    "quick": dict(rounds=3, batch=2, init=2, seeds=2, tile=128, patch=64, epoch_patches=32, init_epochs=2,
+                  epochs_per_round=1, eval_tile=256, held_out=2, pool_limit=60, ssl_steps=30),
+    "standard": dict(rounds=6, batch=4, init=4, seeds=5, tile=128, patch=64, epoch_patches=96, init_epochs=3,
+                     epochs_per_round=1, eval_tile=256, held_out=3, pool_limit=200, ssl_steps=150),
+}
+
+SSL_SUFFIX = "+ssl"
+
+
+def base_strategy(name: str) -> str:
+    """The engine strategy of a simulated one (``adaptive+ssl`` -> ``adaptive``)."""
+    return name[: -len(SSL_SUFFIX)] if name.endswith(SSL_SUFFIX) else name
+
 
 # ============================================================================ data
 def cut_tiles(samples: Sequence[Sample], tile: int) -> list[Sample]:
@@ -190,6 +219,27 @@ def cut_tiles(samples: Sequence[Sample], tile: int) -> list[Sample]:
                 out.append(Sample(f"{s.name}@{y},{x}", np.ascontiguousarray(s.image[y : y + th, x : x + tw]),
                                   np.ascontiguousarray(s.instances[y : y + th, x : x + tw])))
     return out
+
+
+def load_dataset(spec: str) -> list[Sample]:
+    """A dataset folder, or ``synth:KIND[:N[:SIZE]]`` (e.g. ``synth:pap:12:384``): N generated
+    images of SIZE px (``ml_worker.synth``, seeds 0..N-1), written to a temporary folder."""
+    if not str(spec).startswith("synth:"):
+        return load_folder(spec)
+    from ml_worker.synth import KINDS, write_dataset
+
+    parts = str(spec).split(":")[1:]
+    kind = parts[0] if parts else "pap"
+    if kind not in KINDS:
+        raise ValueError(f"unknown synthetic kind {kind!r}; known: {', '.join(KINDS)}")
+    try:
+        n = int(parts[1]) if len(parts) > 1 else 12
+        size = int(parts[2]) if len(parts) > 2 else 384
+    except ValueError:
+        raise ValueError(f"bad synthetic data spec {spec!r}: expected synth:KIND:N:SIZE") from None
+    with tempfile.TemporaryDirectory(prefix="al_sim_synth_") as d:
+        write_dataset(d, n, kind, size, seed=0)
+        return load_folder(d)
 
 
 def _split(samples: list[Sample], cfg: SimConfig) -> tuple[list[Sample], list[Sample]]:
@@ -222,13 +272,13 @@ class _Trainer:
         self.eval_seconds = 0.0
 
     def train(self, samples: list[Sample], out_dir: Path, epochs: int, seed: int,
-              resume: str | None = None) -> str:
+              resume: str | None = None, init_weights: str | None = None) -> str:
         c = self.cfg
         tc = self.t.TrainConfig(
             arch=c.arch, model_kwargs=c.model_config(), epochs=int(epochs), batch_size=c.train_batch,
             lr=c.lr, optimizer=c.optimizer, loss=c.loss, tile_size=c.patch, steps_per_epoch=c.epoch_patches, seed=int(seed),
             augment=c.augment, early_stopping_patience=None, device=c.device, val_fraction=0.0,
-            resume=resume, out_dir=str(out_dir),
+            resume=resume, out_dir=str(out_dir), init_weights=None if resume else init_weights,
         )
         t0 = time.perf_counter()
         res = self.t.train(tc, samples, [])
@@ -278,7 +328,7 @@ def _run_strategy(
     name: str, seed: int, cfg: SimConfig, pool: list[Sample], init_idx: list[int], round0_ckpt: str,
     round0_metrics: dict[str, float], trainer: _Trainer, work: Path,
 ) -> dict[str, Any]:
-    strat = get_strategy(name)
+    strat = get_strategy(base_strategy(name))
     need = set(strat.required_scores)
     mc = cfg.mc_samples if "mc_dropout" in need else 0
     tta = "tta" in need
@@ -294,6 +344,7 @@ def _run_strategy(
     out_dir = work / f"seed{seed}" / name
     t_analysis = 0.0
     model, norm = trainer.load(ckpt, [pool[i] for i in labelled], seed)
+    init_names = [pool[i].name for i in labelled]
     for r in range(1, cfg.rounds + 1):
         unl = [i for i in range(len(pool)) if i not in set(labelled)]
         if not unl:
@@ -318,10 +369,12 @@ def _run_strategy(
                                                device=device) for i in labelled])
             costs = np.array([a.nucleus_count for a in analyses], float) if cfg.cost_alpha > 0 else None
             opts = {"cost_alpha": cfg.cost_alpha} if costs is not None and strat.needs_embeddings else {}
-            order = rank(name, [a.scores for a in analyses], embeddings=emb, costs=costs, k=k,
+            if isinstance(strat, FixesStrategy):  # the effort model always needs the nuclei to check
+                costs = np.array([a.nucleus_count for a in analyses], float)
+            order = rank(strat.name, [a.scores for a in analyses], embeddings=emb, costs=costs, k=k,
                          seed=seed * 1000 + r, labelled_embeddings=lab_emb, **opts)
         else:
-            order = rank(name, [{} for _ in cand], k=k, seed=seed * 1000 + r)
+            order = rank(strat.name, [{} for _ in cand], k=k, seed=seed * 1000 + r)
         batch = [cand[j] for j in order[:k]]
         todo = [i for i in batch if i not in preds]  # predictions shown to the annotator (random)
         for i, a in zip(todo, analyze_tiles(model, [pool[i].image for i in todo], normalizer=norm,
@@ -347,14 +400,47 @@ def _run_strategy(
         "nuclei_labelled": curve["nuclei_labelled"],
         "dice": [m["dice"] for m in curve["metrics"]],
         "aji": [m["aji"] for m in curve["metrics"]],
+        "pq": [m.get("pq", float("nan")) for m in curve["metrics"]],
         "metrics": curve["metrics"],
         "effort": efforts,
         "selected": selected,
+        "init": init_names,
         "analysis_seconds": t_analysis,
     }
 
 
-def run_simulation(cfg: SimConfig, work_dir: str | Path | None = None) -> dict[str, Any]:
+def _pretrain_ssl(cfg: SimConfig, pool: list[Sample], path: Path, seed: int) -> tuple[str, dict[str, Any]]:
+    from ml_worker.ssl import SSLConfig, pretrain
+
+    info = pretrain([t.image for t in pool], path, SSLConfig(
+        arch=cfg.arch, model_kwargs=cfg.model_config(), steps=int(cfg.ssl_steps), batch_size=16, crop=cfg.patch,
+        seed=seed, threads=cfg.threads))
+    return info["path"], info
+
+
+def _cold_start_set(cfg: SimConfig, pool: list[Sample], seed: int, ssl_ckpt: str | None) -> list[int]:
+    """The seed set a cold-start strategy picks before any model: typical tiles of distinct
+    k-means clusters of the pool's embeddings — by the self-supervised encoder, or else by an
+    untrained model seeded like the run."""
+    import torch
+
+    from ml_worker.data import Preprocessing
+    from ml_worker.models import create_model
+
+    if ssl_ckpt is not None:
+        from ml_worker.ssl import ssl_embeddings
+
+        emb = ssl_embeddings(ssl_ckpt, [t.image for t in pool], tile_size=cfg.tile)
+    else:
+        torch.manual_seed(seed)
+        model = create_model(cfg.arch, **cfg.model_config()).eval()
+        prep = Preprocessing.fit([t.image for t in pool])
+        emb = np.stack([embed_tile(model, t.image, normalizer=prep, tile_size=cfg.tile, device="cpu") for t in pool])
+    return sorted(typical_diverse(emb, cfg.n_init, seed=seed))
+
+
+def run_simulation(cfg: SimConfig, work_dir: str | Path | None = None,
+                   checkpoint_json: str | Path | None = None) -> dict[str, Any]:
     """Run the whole benchmark (see module docstring) and return the JSON-able results
     (raw per-seed curves plus :func:`summarize`)."""
     import torch
@@ -363,7 +449,7 @@ def run_simulation(cfg: SimConfig, work_dir: str | Path | None = None) -> dict[s
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     t_start = time.perf_counter()
-    samples = load_folder(cfg.data)
+    samples = load_dataset(cfg.data)
     pool_images, held_out = _split(samples, cfg)
     pool = cut_tiles(pool_images, cfg.tile)
     if len(pool) < cfg.n_init + cfg.batch:
@@ -377,18 +463,36 @@ def run_simulation(cfg: SimConfig, work_dir: str | Path | None = None) -> dict[s
     trainer = _Trainer(cfg, work, held_out)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in cfg.strategies}
     full: list[dict[str, float]] = []
+    ssl_info: list[dict[str, Any]] = []
     timing: dict[str, float] = {s: 0.0 for s in cfg.strategies}
     try:
         for seed in range(cfg.seeds):
             rng = np.random.default_rng(seed)
-            init_idx = sorted(rng.choice(len(pool), cfg.n_init, replace=False).tolist())
-            t0 = time.perf_counter()
-            ckpt0 = trainer.train([pool[i] for i in init_idx], work / f"seed{seed}" / "round0", cfg.init_epochs, seed)
-            m0 = _metrics_subset(trainer.evaluate(*trainer.load(ckpt0, [pool[i] for i in init_idx], seed)))
-            t_round0 = time.perf_counter() - t0
-            _log(f"seed {seed}: seed set of {len(init_idx)} tiles -> dice {m0['dice']:.3f} aji {m0['aji']:.3f} "
-                 f"({t_round0:.0f}s)")
+            random_init = sorted(rng.choice(len(pool), cfg.n_init, replace=False).tolist())
+            ssl_ckpt = None
+            if any(n.endswith(SSL_SUFFIX) for n in cfg.strategies):
+                ssl_ckpt, info = _pretrain_ssl(cfg, pool, work / f"seed{seed}" / "ssl.pt", seed)
+                ssl_info.append(info)
+                _log(f"seed {seed}: self-supervised encoder, {info['steps']} steps, loss {info['loss_first']:.3f} -> "
+                     f"{info['loss_last']:.3f} ({info['seconds']:.0f}s)")
+            round0: dict[tuple, tuple[str, dict[str, float]]] = {}
             for name in cfg.strategies:
+                use_ssl = name.endswith(SSL_SUFFIX)
+                init_w = ssl_ckpt if use_ssl else None
+                if getattr(get_strategy(base_strategy(name)), "cold_start", False):
+                    init_idx = _cold_start_set(cfg, pool, seed, ssl_ckpt if use_ssl else None)
+                else:
+                    init_idx = random_init
+                key = (tuple(init_idx), use_ssl)
+                if key not in round0:
+                    t0 = time.perf_counter()
+                    ckpt0 = trainer.train([pool[i] for i in init_idx], work / f"seed{seed}" / f"round0-{len(round0)}",
+                                          cfg.init_epochs, seed, init_weights=init_w)
+                    m0 = _metrics_subset(trainer.evaluate(*trainer.load(ckpt0, [pool[i] for i in init_idx], seed)))
+                    round0[key] = (ckpt0, m0)
+                    _log(f"seed {seed}: seed set of {len(init_idx)} tiles ({name}) -> dice {m0['dice']:.3f} "
+                         f"aji {m0['aji']:.3f} ({time.perf_counter() - t0:.0f}s)")
+                ckpt0, m0 = round0[key]
                 t0 = time.perf_counter()
                 runs[name].append(_run_strategy(name, seed, cfg, pool, init_idx, ckpt0, m0, trainer, work))
                 timing[name] += time.perf_counter() - t0
@@ -398,6 +502,9 @@ def run_simulation(cfg: SimConfig, work_dir: str | Path | None = None) -> dict[s
             full.append(mf)
             _log(f"seed {seed}: full data ({len(pool)} tiles, {cfg.total_epochs} epochs) -> dice {mf['dice']:.3f} "
                  f"aji {mf['aji']:.3f} ({time.perf_counter() - t0:.0f}s)")
+            if checkpoint_json is not None:  # partial results survive an interrupted study
+                partial = {"config": dataclasses.asdict(cfg), "full_data": full, "runs": runs, "seeds_done": seed + 1}
+                Path(checkpoint_json).write_text(json.dumps(partial, default=_json_default))
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -409,6 +516,7 @@ def run_simulation(cfg: SimConfig, work_dir: str | Path | None = None) -> dict[s
             "pool_nuclei": int(sum(_count(t.instances) for t in pool)),
         },
         "full_data": full,
+        "ssl": ssl_info,
         "runs": runs,
         "timing_s": {"total": time.perf_counter() - t_start, "train": trainer.train_seconds,
                      "evaluate": trainer.eval_seconds, "per_strategy": timing},
@@ -455,12 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads,
                    help=f"torch CPU threads (default {d.threads}: on shared CPUs more threads are slower; 0 = torch default)")
     p.add_argument("--quick", action="store_true", help=f"CPU preset, < 15 min: {QUICK}")
+    p.add_argument("--budget", choices=sorted(BUDGETS), help=f"size preset (explicit options override it): {BUDGETS}")
+    p.add_argument("--ssl-steps", type=int, help="self-supervised pretraining steps for the '+ssl' strategies")
     p.add_argument("--out", default="al-sim", help="output folder (al_sim.json, al_sim.png)")
+    p.add_argument("--work-dir", help="keep the checkpoints here (default: a temporary folder)")
     return p
 
 
 def config_from_args(a: argparse.Namespace) -> SimConfig:
     base: dict[str, Any] = dict(QUICK, quick=True) if a.quick else {}
+    if a.budget:
+        base = dict(BUDGETS[a.budget], budget=a.budget)
+    if a.ssl_steps is not None:
+        base["ssl_steps"] = a.ssl_steps
     explicit = {
         "rounds": a.rounds, "batch": a.batch, "init": a.init, "seeds": a.seeds, "tile": a.tile,
         "held_out": a.held_out, "patch": a.patch, "epoch_patches": a.epoch_patches,
@@ -476,15 +591,15 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    out = Path(a.out)
     try:
         cfg = config_from_args(a)
         cfg.validate()
-        results = run_simulation(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        results = run_simulation(cfg, a.work_dir, checkpoint_json=out / "al_sim.partial.json")
     except (ValueError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "al_sim.json").write_text(json.dumps(results, indent=1, default=_json_default))
     plot(results, out / "al_sim.png")
     print(format_report(results))

@@ -24,7 +24,16 @@ from ml_worker.active_learning.analysis import (
     find_bottleneck_module,
     output_kind,
 )
+from ml_worker.active_learning.coldstart import kmeans, typical_diverse, typicality
 from ml_worker.active_learning.effort import aggregate_effort, correction_effort
+from ml_worker.active_learning.nuclei import (
+    apply_temperature,
+    expected_fixes_heatmap,
+    fit_temperature,
+    fix_rate,
+    instance_disagreement,
+    nucleus_scores,
+)
 from ml_worker.active_learning.scores import (
     CHEAP_SCORES,
     boundary_band,
@@ -36,10 +45,13 @@ from ml_worker.active_learning.scores import (
 from ml_worker.active_learning.strategies import (
     DEFAULT_STRATEGY,
     STRATEGIES,
+    AdaptiveStrategy,
+    FixesStrategy,
     HybridStrategy,
     RandomStrategy,
     ScoreStrategy,
     Strategy,
+    TypicalStrategy,
     cost_weighted,
     get_strategy,
     k_center_greedy,
@@ -54,6 +66,9 @@ __all__ = [
     "RandomStrategy",
     "ScoreStrategy",
     "HybridStrategy",
+    "TypicalStrategy",
+    "FixesStrategy",
+    "AdaptiveStrategy",
     "rank",
     "get_strategy",
     "strategy_names",
@@ -75,4 +90,13 @@ __all__ = [
     "boundary_band",
     "correction_effort",
     "aggregate_effort",
+    "kmeans",
+    "typicality",
+    "typical_diverse",
+    "nucleus_scores",
+    "instance_disagreement",
+    "fix_rate",
+    "expected_fixes_heatmap",
+    "fit_temperature",
+    "apply_temperature",
 ]

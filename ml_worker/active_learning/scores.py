@@ -9,6 +9,9 @@ different class counts) compare:
 * ``boundary`` — mean normalised entropy inside a band of ``band`` px around the contours of
   the predicted instances: that is where annotators correct (split, merge, redraw). A tile
   without predicted nuclei falls back to its ``entropy``.
+* ``expected_fixes`` — the expected number of nuclei the annotator will fix on the tile
+  (redraw, delete, or add where the model half-sees one): ``nuclei.nucleus_scores``. Not in
+  [0, 1]: a count, which is what makes tiles with many doubtful nuclei stand out.
 
 Two output kinds (``kind``):
 
@@ -38,7 +41,7 @@ __all__ = [
 
 KINDS = ("softmax", "sigmoid")
 #: scores every :func:`uncertainty_scores` call (and so every ``analyze_tile``) computes
-CHEAP_SCORES = ("entropy", "margin", "boundary")
+CHEAP_SCORES = ("entropy", "margin", "boundary", "expected_fixes")
 
 _EPS = 1e-7
 
@@ -133,8 +136,12 @@ def uncertainty_scores(
         band: half-width in px of the contour band of ``boundary``.
 
     Returns:
-        ``{"entropy": ..., "margin": ..., "boundary": ...}`` floats in [0, 1].
+        ``{"entropy": ..., "margin": ..., "boundary": ...}`` floats in [0, 1] and
+        ``expected_fixes`` (a count of nuclei, >= 0; without ``instances`` only the blobs the
+        model half-sees count).
     """
+    from ml_worker.active_learning.nuclei import nucleus_scores
+
     ent = pixel_entropy(probs, kind)
     entropy = float(ent.mean()) if ent.size else 0.0
     margin = float(pixel_margin(probs, kind).mean()) if ent.size else 0.0
@@ -147,4 +154,6 @@ def uncertainty_scores(
             m = boundary_band(inst, band)
             if m.any():
                 boundary = float(ent[m].mean())
-    return {"entropy": entropy, "margin": margin, "boundary": boundary}
+    inst_map = np.zeros(ent.shape, np.int32) if instances is None else np.asarray(instances)
+    fixes = nucleus_scores(probs, inst_map, kind=kind, band=band)["expected_fixes"] if ent.size else 0.0
+    return {"entropy": entropy, "margin": margin, "boundary": boundary, "expected_fixes": fixes}

@@ -21,6 +21,13 @@ Registry :data:`STRATEGIES` (name -> configured instance):
 ``hybrid_boundary`` the same with ``boundary`` as the uncertainty
 ``hybrid_rep``      the same pre-selection, thinned by greedy facility location
                     (representativeness, Yang et al. 2017) instead of k-center
+``typical``         cold start: the most typical tile of each k-means cluster of the
+                    embeddings that no label covers yet (TypiClust; reads no score)
+``fixes``           expected nuclei to fix per minute of correction (``nuclei.fix_rate`` of
+                    ``expected_fixes`` and the predicted nucleus count), one per k-means
+                    cluster of the ``pool_factor·k`` best
+``adaptive``        ``typical`` while labels are few, ``fixes`` once the model has learnt
+                    something, mixed in between (the rule: :class:`AdaptiveStrategy`)
 ==================  =========================================================================
 
 Why ``pool_factor = 10`` rather than the 3 of the classic recipe: on CPM-15 with few labels
@@ -47,6 +54,9 @@ __all__ = [
     "RandomStrategy",
     "ScoreStrategy",
     "HybridStrategy",
+    "TypicalStrategy",
+    "FixesStrategy",
+    "AdaptiveStrategy",
     "k_center_greedy",
     "facility_location_greedy",
     "cost_weighted",
@@ -62,6 +72,8 @@ _HOW_TO_GET = {
     "entropy": "analyze_tile() computes it",
     "margin": "analyze_tile() computes it",
     "boundary": "analyze_tile() computes it",
+    "expected_fixes": "analyze_tile() computes it",
+    "instance_flips": "run analyze_tile(..., tta=True)",
     "mc_dropout": "run analyze_tile(..., mc_samples>0) (e.g. mc_samples=8)",
     "mc_mutual_info": "run analyze_tile(..., mc_samples>0) (e.g. mc_samples=8)",
     "tta": "run analyze_tile(..., tta=True)",
@@ -347,6 +359,151 @@ class HybridStrategy(Strategy):
         return picked + [i for i in by_prio if i not in chosen]
 
 
+def _check_embeddings(name: str, embeddings: np.ndarray | None, n: int) -> np.ndarray:
+    if embeddings is None:
+        raise ValueError(
+            f"strategy {name!r} needs embeddings (n, D): stack TileAnalysis.embedding "
+            "of the candidates (analyze_tile computes it)"
+        )
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise ValueError(f"embeddings must be ({n}, D) for {n} candidates, got shape {emb.shape}")
+    if not np.all(np.isfinite(emb)):
+        raise ValueError("embeddings contain NaN or inf")
+    return emb
+
+
+def _one_per_cluster(emb: np.ndarray, prio: np.ndarray, k: int, pool_factor: float, seed: int,
+                     exclude: set[int] | None = None) -> list[int]:
+    """The best-priority candidate of each of ``k`` k-means clusters of the ``pool_factor·k``
+    best candidates, best first: a batch of high-value tiles that do not all look alike."""
+    from ml_worker.active_learning.coldstart import kmeans
+
+    exclude = exclude or set()
+    by_prio = [i for i in _descending(prio) if i not in exclude]
+    k = min(int(k), len(by_prio))
+    if k <= 0:
+        return []
+    pool = by_prio[: max(k, int(math.ceil(pool_factor * k)))]
+    labels, _ = kmeans(_unit_rows(emb[pool]), k, seed=seed)
+    best: dict[int, int] = {}
+    for j, i in enumerate(pool):  # pool is by decreasing priority: the first seen is the best
+        best.setdefault(int(labels[j]), i)
+    picked = sorted(best.values(), key=lambda i: -prio[i])
+    if len(picked) < k:  # fewer distinct clusters than k: fill by priority
+        chosen = set(picked)
+        picked += [i for i in pool if i not in chosen][: k - len(picked)]
+    return picked
+
+
+class TypicalStrategy(Strategy):
+    """Cold start (TypiClust): ``coldstart.typical_diverse`` on the embeddings, with the
+    labelled tiles covering their clusters; the rest follow by typicality. Reads no score,
+    so it works on the embeddings of any encoder (``ml_worker.ssl`` before the first model)."""
+
+    needs_embeddings = True
+    #: picks its own seed set before any model exists (``ml_worker.al_sim``)
+    cold_start = True
+
+    def __init__(self, name: str = "typical") -> None:
+        self.name = name
+        self.required_scores = ()
+
+    def select(self, scores, *, embeddings=None, costs=None, k=None, seed=0, labelled_embeddings=None):
+        from ml_worker.active_learning.coldstart import typical_diverse_scored
+
+        n = len(scores) if scores is not None else 0
+        if embeddings is not None and n == 0:
+            n = len(embeddings)
+        if n == 0:
+            return []
+        emb = _check_embeddings(self.name, embeddings, n)
+        k_eff = n if k is None else min(int(k), n)
+        picked, typ = typical_diverse_scored(emb, k_eff if k is not None else min(n, 64),
+                                             labelled_embeddings=labelled_embeddings, seed=seed)
+        chosen = set(picked)
+        return picked + [i for i in _descending(typ) if i not in chosen]
+
+
+class FixesStrategy(Strategy):
+    """Expected nuclei to fix per minute of correction (``nuclei.fix_rate``: the
+    ``expected_fixes`` score over the time to check the tile's ``costs`` = predicted nuclei
+    and fix them), then one tile per k-means cluster of the ``pool_factor·k`` best
+    (:func:`_one_per_cluster`); the rest by decreasing rate. Without ``costs`` only the
+    fixes and the tile overhead count."""
+
+    needs_embeddings = True
+
+    def __init__(self, name: str = "fixes", key: str = "expected_fixes", pool_factor: float = 4.0) -> None:
+        self.name = name
+        self.key = key
+        self.required_scores = (key,)
+        self.pool_factor = float(pool_factor)
+
+    def priority(self, scores: Sequence[Mapping[str, float]], costs: np.ndarray | None = None) -> np.ndarray:
+        from ml_worker.active_learning.nuclei import fix_rate
+
+        return fix_rate(self.score_vector(scores, self.key), None if costs is None else np.asarray(costs, float))
+
+    def select(self, scores, *, embeddings=None, costs=None, k=None, seed=0, labelled_embeddings=None):
+        n = len(scores)
+        if n == 0:
+            return []
+        emb = _check_embeddings(self.name, embeddings, n)
+        prio = self.priority(scores, costs)
+        k_eff = n if k is None else min(int(k), n)
+        picked = _one_per_cluster(emb, prio, k_eff, self.pool_factor, seed) if k is not None else []
+        chosen = set(picked)
+        return picked + [i for i in _descending(prio) if i not in chosen]
+
+
+class AdaptiveStrategy(FixesStrategy):
+    """Budget-aware switch from typical to uncertain tiles — the rule:
+
+    with ``m`` tiles labelled (``len(labelled_embeddings)``), the share of the batch chosen by
+    expected fixes (:class:`FixesStrategy`) is ``clip((m - cold_until) / (warm_from -
+    cold_until), 0, 1)``; the rest of the batch is picked by ``typical`` (TypiClust), with the
+    labelled tiles *and* the uncertain picks covering their clusters. Defaults: up to 8
+    labelled tiles all typical, from 24 all by expected fixes. A young model's uncertainty
+    points at what it has not seen at all (background it hallucinates on, rare artefacts);
+    the typical tiles of unlabelled clusters teach more until the model has seen every kind
+    of tissue once.
+    """
+
+    cold_start = True
+
+    def __init__(self, name: str = "adaptive", key: str = "expected_fixes", pool_factor: float = 4.0,
+                 cold_until: int = 8, warm_from: int = 24) -> None:
+        super().__init__(name, key, pool_factor)
+        if not 0 <= cold_until < warm_from:
+            raise ValueError("need 0 <= cold_until < warm_from")
+        self.cold_until, self.warm_from = int(cold_until), int(warm_from)
+
+    def uncertain_share(self, labelled: int) -> float:
+        return float(np.clip((labelled - self.cold_until) / (self.warm_from - self.cold_until), 0.0, 1.0))
+
+    def select(self, scores, *, embeddings=None, costs=None, k=None, seed=0, labelled_embeddings=None):
+        from ml_worker.active_learning.coldstart import typical_diverse_scored
+
+        n = len(scores)
+        if n == 0:
+            return []
+        emb = _check_embeddings(self.name, embeddings, n)
+        prio = self.priority(scores, costs)
+        m = 0 if labelled_embeddings is None else len(labelled_embeddings)
+        k_eff = n if k is None else min(int(k), n)
+        n_unc = int(round(self.uncertain_share(m) * k_eff))
+        picked = _one_per_cluster(emb, prio, n_unc, self.pool_factor, seed) if n_unc else []
+        if len(picked) < k_eff:
+            lab = [np.asarray(labelled_embeddings, float)] if m else []
+            cover = np.concatenate(lab + [emb[picked]]) if (lab or picked) else None
+            rest = [i for i in range(n) if i not in set(picked)]
+            typ_picks, _ = typical_diverse_scored(emb[rest], k_eff - len(picked), labelled_embeddings=cover, seed=seed)
+            picked += [rest[j] for j in typ_picks]
+        chosen = set(picked)
+        return picked + [i for i in _descending(prio) if i not in chosen]
+
+
 #: name -> configured strategy instance
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
@@ -360,6 +517,9 @@ STRATEGIES: dict[str, Strategy] = {
         HybridStrategy("hybrid", key="entropy"),
         HybridStrategy("hybrid_boundary", key="boundary"),
         HybridStrategy("hybrid_rep", key="entropy", diversity="facility"),
+        TypicalStrategy("typical"),
+        FixesStrategy("fixes"),
+        AdaptiveStrategy("adaptive"),
     )
 }
 

@@ -48,8 +48,9 @@ def _scores_for(probs_list, inst_list):
 def test_scores_range_and_sigmoid_kind():
     inst = _disk_instances()
     s = uncertainty_scores(_confident_probs(inst), inst)
-    assert set(s) == {"entropy", "margin", "boundary"}
-    assert all(0.0 <= v <= 1.0 for v in s.values())
+    assert set(s) == {"entropy", "margin", "boundary", "expected_fixes"}
+    assert all(0.0 <= v <= 1.0 for k, v in s.items() if k != "expected_fixes")
+    assert 0.0 <= s["expected_fixes"] < 0.3 * len(np.unique(inst))  # a count of nuclei, low when confident
     flat = uncertainty_scores(np.full((2, 8, 8), 0.5, np.float32))
     assert flat["entropy"] == pytest.approx(1.0, abs=1e-5) and flat["margin"] == pytest.approx(1.0)
     # multi-head (sigmoid) output: only the nucleus channel (0) counts
@@ -137,7 +138,8 @@ def test_every_strategy_declares_name_and_required_scores():
     for name, s in STRATEGIES.items():
         assert s.name == name
         assert isinstance(s.required_scores, tuple)
-        scores = [{k: 0.1 * i for k in ("entropy", "margin", "boundary", "mc_dropout", "tta")} for i in range(4)]
+        keys = ("entropy", "margin", "boundary", "mc_dropout", "tta", "expected_fixes", "instance_flips")
+        scores = [{k: 0.1 * i for k in keys} for i in range(4)]
         emb = np.eye(4)
         assert sorted(rank(name, scores, embeddings=emb, k=2)) == [0, 1, 2, 3]
 
@@ -306,7 +308,7 @@ def test_analyze_tile_real_model(arch, kind):
     assert a.probs.shape == (model.out_channels, 48, 48) and a.probs.dtype == np.float32
     assert a.embedding.shape == (model.embed_dim,) and a.embedding.dtype == np.float32
     assert a.nucleus_count == len(np.unique(a.instances)) - 1
-    assert set(a.scores) == {"entropy", "margin", "boundary"}
+    assert set(a.scores) == {"entropy", "margin", "boundary", "expected_fixes"}
     # a tile inside one inference tile: the embedding is model.embed of the whole tile
     model.eval()
     ref = model.embed(torch.from_numpy(preprocess(img))[None])[0].numpy()

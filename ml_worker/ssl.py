@@ -1,0 +1,176 @@
+"""Self-supervised pretraining of a Karyo model's encoder on a project's unlabelled tiles.
+
+SimSiam (Chen & He, CVPR 2021), small: two random views of the same tile (crop, flips, rot90,
+per-channel brightness / contrast jitter as a stain proxy, Gaussian noise) go through the
+model's ``bottleneck`` (global-average pooled), a projector MLP and a predictor MLP; the loss
+is the negative cosine similarity between one view's prediction and the other view's
+projection, with the gradient stopped on the projection (symmetrised). No negatives, no
+momentum encoder, no large batches — it runs in CPU minutes on small tiles and does not
+collapse thanks to the stop-gradient and the predictor.
+
+What it is for (issue 16):
+
+* **cold-start embeddings**: ``model.embed`` of the pretrained model separates the project's
+  kinds of tissue before any label exists (``active_learning.coldstart``);
+* **starting weights**: :func:`pretrain` writes an ordinary Karyo checkpoint (architecture,
+  kwargs, weights, the fitted input ``Preprocessing``) that ``TrainConfig.init_weights``
+  warm-starts from; the decoder keeps its initialisation, only the encoder path was trained.
+
+Only plain torch; the projector / predictor are discarded after pretraining.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SSLConfig", "pretrain", "ssl_embeddings"]
+
+
+@dataclass
+class SSLConfig:
+    """Pretraining settings (stored in the checkpoint as ``ssl``).
+
+    Attributes:
+        arch, model_kwargs: the model (the same as the training runs will use).
+        steps: optimizer steps.
+        batch_size: tiles per step (two views each).
+        crop: view side (px); tiles smaller than it are mirror-padded.
+        lr: SGD learning rate (momentum 0.9, cosine decay).
+        proj_dim: projector / predictor width.
+        seed: views, initialisation.
+        threads: torch CPU threads (None: torch's default).
+    """
+
+    arch: str = "unet"
+    model_kwargs: dict[str, Any] | None = None
+    steps: int = 200
+    batch_size: int = 16
+    crop: int = 64
+    lr: float = 0.05
+    proj_dim: int = 128
+    seed: int = 0
+    threads: int | None = None
+
+
+def _views(batch: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+    """One random view of each (3, H, W) preprocessed tile: crop, flips, rot90, per-channel
+    gain / offset (stain variation), noise."""
+    out = np.empty((batch.shape[0], 3, crop, crop), np.float32)
+    for i, x in enumerate(batch):
+        _, H, W = x.shape
+        y0 = int(rng.integers(0, H - crop + 1))
+        x0 = int(rng.integers(0, W - crop + 1))
+        v = x[:, y0 : y0 + crop, x0 : x0 + crop]
+        if rng.random() < 0.5:
+            v = v[:, :, ::-1]
+        if rng.random() < 0.5:
+            v = v[:, ::-1]
+        v = np.rot90(v, int(rng.integers(4)), axes=(1, 2))
+        gain = rng.uniform(0.7, 1.3, (3, 1, 1))
+        offset = rng.normal(0.0, 0.2, (3, 1, 1))
+        v = v * gain + offset + rng.normal(0.0, 0.05, v.shape)
+        out[i] = v
+    return out
+
+
+def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfig | None = None) -> dict[str, Any]:
+    """Pretrain the encoder of a fresh ``config.arch`` model on ``tiles`` and save it.
+
+    Args:
+        tiles: (H, W, 3) uint8 RGB tiles without labels (any sizes >= 8 px).
+        out_path: the Karyo checkpoint to write (``TrainConfig.init_weights``-ready).
+        config: :class:`SSLConfig`.
+
+    Returns:
+        ``{"path", "loss_first", "loss_last", "seconds", "steps"}``; the loss is the
+        negative cosine similarity (-1 = views agree perfectly).
+    """
+    import torch
+    from torch import nn
+
+    from ml_worker.checkpoint import save_checkpoint
+    from ml_worker.data import Preprocessing, preprocess
+    from ml_worker.models import create_model
+
+    cfg = config or SSLConfig()
+    if not len(tiles):
+        raise ValueError("self-supervised pretraining needs at least one tile")
+    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.crop < 8:
+        raise ValueError("need steps >= 1, batch_size >= 2 and crop >= 8")
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = create_model(cfg.arch, **(cfg.model_kwargs or {}))
+    div = int(getattr(model, "size_divisor", 1) or 1)
+    crop = max(div, (int(cfg.crop) // div) * div)
+    imgs = [np.asarray(t) for t in tiles]
+    prep = Preprocessing.fit(imgs)
+    arrays = []
+    for im in imgs:
+        x = preprocess(im, prep)
+        ph, pw = max(0, crop - x.shape[1]), max(0, crop - x.shape[2])
+        if ph or pw:
+            x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="symmetric")
+        arrays.append(x)
+    model.train()
+    with torch.no_grad():
+        dim = int(model.bottleneck(torch.zeros(2, 3, crop, crop)).shape[1])
+    p = int(cfg.proj_dim)
+    projector = nn.Sequential(nn.Linear(dim, p, bias=False), nn.BatchNorm1d(p), nn.ReLU(inplace=True),
+                              nn.Linear(p, p, bias=False), nn.BatchNorm1d(p, affine=False))
+    predictor = nn.Sequential(nn.Linear(p, p // 2, bias=False), nn.BatchNorm1d(p // 2), nn.ReLU(inplace=True),
+                              nn.Linear(p // 2, p))
+    params = list(model.parameters()) + list(projector.parameters()) + list(predictor.parameters())
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    bs = min(int(cfg.batch_size), max(2, len(arrays)))
+    losses: list[float] = []
+
+    def neg_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return -nn.functional.cosine_similarity(a, b.detach(), dim=1).mean()
+
+    for step in range(int(cfg.steps)):
+        pick = rng.choice(len(arrays), bs, replace=len(arrays) < bs)
+        batch = [arrays[i] for i in pick]
+        v1 = torch.from_numpy(np.stack([_views(b[None], crop, rng)[0] for b in batch]))
+        v2 = torch.from_numpy(np.stack([_views(b[None], crop, rng)[0] for b in batch]))
+        z1 = projector(model.bottleneck(v1).mean(dim=(2, 3)))
+        z2 = projector(model.bottleneck(v2).mean(dim=(2, 3)))
+        loss = 0.5 * (neg_cos(predictor(z1), z2) + neg_cos(predictor(z2), z1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            log.info("ssl step %d/%d: loss %.4f", step, cfg.steps, losses[-1])
+    model.eval()
+    info = {"config": asdict(cfg), "loss_first": float(np.mean(losses[: max(1, len(losses) // 10)])),
+            "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])), "steps": len(losses),
+            "tiles": len(arrays)}
+    path = save_checkpoint(out_path, model, ssl=info, preprocess=prep.to_dict())
+    return {"path": str(path), **{k: info[k] for k in ("loss_first", "loss_last", "steps")},
+            "seconds": time.perf_counter() - t0}
+
+
+def ssl_embeddings(checkpoint: str | Path, tiles: Sequence[np.ndarray], *, tile_size: int = 256) -> np.ndarray:
+    """(n, D) embeddings of ``tiles`` by a checkpoint's encoder (``model.embed``, the input
+    preprocessed as stored in the checkpoint) — the cold-start features."""
+    from ml_worker.active_learning import embed_tile
+    from ml_worker.checkpoint import load_checkpoint
+    from ml_worker.data import Preprocessing
+
+    model, meta = load_checkpoint(checkpoint)
+    prep = Preprocessing.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
+    return np.stack([embed_tile(model, t, normalizer=prep, tile_size=tile_size, device="cpu") for t in tiles])
