@@ -7,6 +7,8 @@ few (HTTP 429 with Retry-After) until the window has passed.
 """
 from __future__ import annotations
 
+import hashlib
+
 from rest_framework.throttling import SimpleRateThrottle
 
 
@@ -44,7 +46,9 @@ class LoginUsernameThrottle(_FailedLoginThrottle):
 
     def get_cache_key(self, request, view):
         name = self.username(request)
-        return self.cache_format % {"scope": self.scope, "ident": name} if name else None
+        # Hashed: a username may hold any characters, a cache key may not.
+        ident = hashlib.sha256(name.encode()).hexdigest()[:32]
+        return self.cache_format % {"scope": self.scope, "ident": ident} if name else None
 
 
 class LoginAddressThrottle(_FailedLoginThrottle):

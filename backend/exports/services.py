@@ -8,6 +8,7 @@ into storage. Nothing holds more than one tile in memory.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import tempfile
 import time
@@ -134,19 +135,27 @@ def normalize_filters(*, project: Project, raw: dict | None) -> dict:
         split = {"mode": "frozen"}
     elif isinstance(split, dict):
         fractions = split.get("fractions") or {k: split[k] for k in SPLIT_NAMES if k in split}
+        if not isinstance(fractions, dict):
+            raise _invalid('split fractions are an object like {"train": 0.7, "val": 0.3}')
         try:
             fractions = {str(k): float(v) for k, v in fractions.items() if float(v) > 0}
         except (TypeError, ValueError):
             raise _invalid("split fractions must be numbers") from None
+        if any(not math.isfinite(v) or v > 1 for v in fractions.values()):
+            raise _invalid("split fractions are numbers between 0 and 1 (e.g. 0.7)")
         if not fractions or any(k not in SPLIT_NAMES for k in fractions):
             raise _invalid("split needs positive fractions for train, val and/or test")
         seed = split.get("seed")
         if seed is None:
             seed = secrets.randbelow(2**31)  # recorded, so the split can be reproduced
+        if isinstance(seed, bool) or not isinstance(seed, int | str):
+            raise _invalid("split seed must be an integer")
         try:
             seed = int(seed)
         except (TypeError, ValueError):
             raise _invalid("split seed must be an integer") from None
+        if not 0 <= seed < 2**32:
+            raise _invalid("split seed must lie between 0 and 4294967295")
         total = sum(fractions.values())
         split = {
             "mode": "seeded",
@@ -157,6 +166,8 @@ def normalize_filters(*, project: Project, raw: dict | None) -> dict:
     else:
         raise _invalid('split is null, "frozen" or {"train": 0.7, "val": 0.15, "test": 0.15, "seed": 1, "stratify": false}')
 
+    if not isinstance(raw.get("options") or {}, dict):
+        raise _invalid('options is an object, e.g. {"object_type": "annotation"}')
     options = dict(raw.get("options") or {})
     bad = sorted(set(options) - OPTION_KEYS)
     if bad:

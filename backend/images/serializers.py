@@ -40,9 +40,9 @@ class UploadResultSerializer(serializers.Serializer):
 
 class TileSerializer(serializers.ModelSerializer):
     image_name = serializers.CharField(source="image.name", read_only=True)
-    latest_annotation_id = serializers.IntegerField(read_only=True, default=None)
-    latest_version = serializers.IntegerField(read_only=True, default=None)
-    annotation_status = serializers.CharField(read_only=True, default=None)
+    latest_annotation_id = serializers.IntegerField(read_only=True, default=None, allow_null=True)
+    latest_version = serializers.IntegerField(read_only=True, default=None, allow_null=True)
+    annotation_status = serializers.CharField(read_only=True, default=None, allow_null=True)
 
     class Meta:
         model = Tile
@@ -53,7 +53,7 @@ class TileSerializer(serializers.ModelSerializer):
 
 class AnnotationSerializer(serializers.ModelSerializer):
     author = serializers.CharField(source="author.username", default=None, read_only=True)
-    reviewed_by = serializers.CharField(source="reviewed_by.username", default=None, read_only=True)
+    reviewed_by = serializers.CharField(source="reviewed_by.username", default=None, read_only=True, allow_null=True)
 
     class Meta:
         model = Annotation

@@ -2,9 +2,9 @@
 
 Idempotent: migrations, the admin account and the demo projects are created only when missing.
 
-Processes: web servers (Daphne, ``KARYO_WEB_PROCESSES`` of them sharing one listening socket that
-this runner binds before anything else, so a port held by someone else is reported at once and
-can never be mistaken for ours), a ``gpu`` worker (train, predict, rank: one task at a time), a
+Processes: the web server (gunicorn with ``KARYO_WEB_PROCESSES`` uvicorn workers, HTTP and
+WebSocket, on one listening socket that this runner binds before anything else, so a port held by
+someone else is reported at once and can never be mistaken for ours), a ``gpu`` worker (train, predict, rank: one task at a time), a
 ``cpu`` worker (ingest, exports, Label Studio, periodic checks: never waits behind training), one
 beat (a lock file under the var folder means never two), and Label Studio when installed.
 
@@ -100,8 +100,11 @@ def services(*, listener: socket.socket, web_processes: int, label_studio) -> li
     celery = [PY, "-m", "celery", "-A", "backend.karyo"]
     quiet = ["--without-gossip", "--without-mingle"]
     out = [
-        Service(f"web-{i + 1}", [PY, "-m", "daphne", "--fd", str(fd), "backend.karyo.asgi:application"], pass_fds=(fd,))
-        for i in range(web_processes)
+        # gunicorn keeps `web_processes` uvicorn workers (HTTP and WebSocket) on the runner's socket and
+        # replaces one that dies; the runner restarts gunicorn itself if it goes.
+        Service("web", [PY, "-m", "gunicorn", "backend.karyo.asgi:application", "-k", "uvicorn_worker.UvicornWorker",
+                        "-w", str(web_processes), "--bind", f"fd://{fd}", "--no-control-socket",
+                        "--graceful-timeout", "10", "--timeout", "120", "--log-level", "warning"], pass_fds=(fd,)),
     ]
     out += [
         # Solo pool: one task at a time in the worker's own process, so the shutdown handler reaches
@@ -136,7 +139,7 @@ def wait_until_serving(url: str, web: list[Service], timeout: float, stopping) -
 
 def stop_all(running: list[Service]) -> None:
     # Web first (no new work arrives), then beat, then workers (a training run stops at its next step).
-    order = sorted(running, key=lambda s: (not s.name.startswith("web"), s.name != "beat"))
+    order = sorted(running, key=lambda s: (s.name != "web", s.name != "beat"))
     for service in order:
         if service.process is not None and service.process.poll() is None:
             service.process.send_signal(signal.SIGTERM)
@@ -202,7 +205,7 @@ def main() -> int:
         service.start()
     exit_code = 0
     try:
-        web = [s for s in running if s.name.startswith("web")]
+        web = [s for s in running if s.name == "web"]
         url_host = f"[{host}]" if ":" in host else host
         if not wait_until_serving(f"http://{url_host}:{port}/healthz", web, 120, lambda: stopping):
             if not stopping:

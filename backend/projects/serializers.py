@@ -9,10 +9,19 @@ from .models import Membership, Project, Role, engine_setting_errors, validate_n
 
 class ProjectSerializer(serializers.ModelSerializer):
     my_role = serializers.SerializerMethodField()
-    image_count = serializers.IntegerField(read_only=True, required=False)
-    tile_count = serializers.IntegerField(read_only=True, required=False)
+    # Always present (the schema says so): the list annotates them, a single project counts here.
+    image_count = serializers.SerializerMethodField()
+    tile_count = serializers.SerializerMethodField()
     # Declared so the model's validator (which needs ids) runs after Karyo has assigned them.
     nucleus_classes = serializers.JSONField(required=False, help_text='[{"name", "color": "#rrggbb", "id" (kept on edits)}]')
+
+    def get_image_count(self, project) -> int:
+        counted = getattr(project, "image_count", None)
+        return counted if counted is not None else project.images.count()
+
+    def get_tile_count(self, project) -> int:
+        counted = getattr(project, "tile_count", None)
+        return counted if counted is not None else project.tiles.count()
 
     class Meta:
         model = Project
@@ -51,6 +60,12 @@ class ProjectSerializer(serializers.ModelSerializer):
         for item in value:
             if not isinstance(item, dict) or not str(item.get("name", "")).strip() or "color" not in item:
                 raise serializers.ValidationError("each nucleus class needs a name and a colour (#rrggbb)")
+            # Text, not whatever str() makes of a list or a number.
+            if not isinstance(item["name"], str) or len(item["name"]) > 64 or not isinstance(item["color"], str):
+                raise serializers.ValidationError("a nucleus class name is text of at most 64 characters and its "
+                                                  "colour a #rrggbb string")
+            if "id" in item and (isinstance(item["id"], bool) or not isinstance(item["id"], int)):
+                raise serializers.ValidationError("a nucleus class id is an integer (Karyo assigns new ones)")
         cleaned = [{**item, "name": str(item["name"]).strip(), "color": str(item["color"]).lower()} for item in value]
         previous = self.instance.nucleus_classes if self.instance is not None else []
         classes = assign_class_ids(classes=cleaned, previous=previous)
@@ -112,7 +127,7 @@ class ProjectSerializer(serializers.ModelSerializer):
 
 class MembershipSerializer(serializers.ModelSerializer):
     username = serializers.CharField(source="user.username")
-    email = serializers.EmailField(source="user.email", read_only=True)
+    email = serializers.CharField(source="user.email", read_only=True)  # blank for accounts invited by username
     role = serializers.ChoiceField(choices=Role.choices)
 
     class Meta:

@@ -73,6 +73,10 @@ def _points(region: dict, width: int, height: int) -> np.ndarray:
         raise EditError("polygon points must be [x%, y%] pairs of numbers") from None
     if array.ndim != 2 or array.shape[1] != 2 or not np.isfinite(array).all():
         raise EditError("polygon points must be [x%, y%] pairs of numbers")
+    # Percent of the tile: a little outside is clipped by rasterisation, far outside is a bad request
+    # (and 1e308 would overflow the conversion to pixels).
+    if np.abs(array).max(initial=0.0) > 1000:
+        raise EditError("polygon points are percentages of the tile: each coordinate must lie within -1000..1000")
     return geometry.from_percent(array.tolist(), width, height)
 
 

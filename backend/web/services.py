@@ -120,6 +120,8 @@ def submit_edits(*, tile: Tile, user, data: dict) -> tuple[Annotation, editing.E
     started = time.perf_counter()
     base = data.get("base") or {}
     kind = base.get("kind", "empty")
+    if kind in ("prediction", "annotation") and (isinstance(base.get("id"), bool) or not isinstance(base.get("id"), int)):
+        raise InvalidUpload(f"base.id: the {kind} id must be an integer", code="invalid_base")
     prediction = annotation = None
     if kind == "prediction":
         prediction = Prediction.objects.filter(pk=base.get("id"), tile=tile).select_related("model_version").first()

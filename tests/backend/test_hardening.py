@@ -132,3 +132,73 @@ def test_the_sign_in_page_is_throttled_like_the_api(make_user):
         assert client.post("/login/", {"username": "pagevictim", "password": f"wrong-{i}"}).status_code == 200
     response = client.post("/login/", {"username": "pagevictim", "password": "the-right-password-1"})
     assert response.status_code == 429 and b"Too many failed sign-in attempts" in response.content
+
+
+# --- input validation at the edge: each input that crashed a request (issue 13) is now a 400 naming it ---
+
+@pytest.fixture
+def tile_id(team, api):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from backend.images.models import Tile
+    from tests.backend.factories import finish_ingest, rgb_png
+
+    response = api("admin").post(f"/api/projects/{team['project'].pk}/images/",
+                                 {"file": SimpleUploadedFile("a.png", rgb_png(64, 64))}, format="multipart")
+    assert response.status_code == 201, response.content
+    finish_ingest()
+    return Tile.objects.get(project=team["project"]).pk
+
+
+@pytest.mark.parametrize("query, field", [
+    ("limit=99999999999999999999", "limit"), ("limit=1&limit=2", "limit"), ("offset=null", "offset"),
+    ("limit=abc", "limit"), ("limit=-1", "limit"), ("offset=99999999999999999999999", "offset"),
+])
+def test_bad_pagination_parameters_are_a_400_naming_the_parameter(api, team, query, field):
+    for url in ("/api/projects/", f"/api/projects/{team['project'].pk}/tiles/"):
+        error = assert_error_shape(api("admin").get(f"{url}?{query}"), 400, "validation_error")
+        assert error["message"].startswith(f"{field}:")
+
+
+def test_good_pagination_parameters_still_page(api, team):
+    body = api("admin").get("/api/projects/?limit=1&offset=0").json()
+    assert body["count"] == 1 and len(body["results"]) == 1
+
+
+@pytest.mark.parametrize("filters, words", [
+    ({"split": {"train": 1e308, "val": 1e308, "test": 1e308}}, "between 0 and 1"),
+    ({"split": {"train": 0.5, "val": 0.5, "seed": [1]}}, "seed"),
+    ({"split": {"train": 0.5, "val": 0.5, "seed": 10**30}}, "seed"),
+    ({"options": "x"}, "options"),
+    ({"status": 5}, "status"),
+    ({"split": {"fractions": [0.5]}}, "split fractions"),
+])
+def test_export_filters_of_the_wrong_type_or_range_are_a_400(api, team, filters, words):
+    response = api("admin").post(f"/api/projects/{team['project'].pk}/exports/",
+                                 json.dumps({"format": "coco", "filters": filters}), content_type="application/json")
+    error = assert_error_shape(response, 400, "invalid_filters")
+    assert words in error["message"]
+
+
+@pytest.mark.parametrize("edit, code", [
+    ({"base": {"kind": "empty"}, "regions": [{"type": "polygonlabels", "value": {
+        "points": [[1e308, 1e308], [-1e308, 5], [3, 1e300]], "polygonlabels": ["Nucleus"]}}]}, "invalid_edit"),
+    ({"base": {"kind": "empty"}, "regions": [{"value": {"points": "x"}}, {"value": 5}]}, "invalid_edit"),
+    ({"base": {"kind": "empty"}, "regions": [{"value": {"points": [[1, "a"], [2, 2], [3, 3]]}}]}, "invalid_edit"),
+    ({"base": {"kind": "annotation", "id": "x"}}, "invalid_base"),
+    ({"base": {"kind": "prediction", "id": [1]}}, "invalid_base"),
+])
+def test_editor_polygons_with_huge_coordinates_or_malformed_regions_are_a_400(api, tile_id, edit, code):
+    response = api("annotator").post(f"/api/tiles/{tile_id}/regions/", json.dumps(edit), content_type="application/json")
+    assert_error_shape(response, 400, code)
+
+
+@pytest.mark.parametrize("name", [["a"], 5, {"x": 1}, "x" * 65])
+def test_a_nucleus_class_name_that_is_not_short_text_is_a_400(api, team, name):
+    response = api("admin").patch(f"/api/projects/{team['project'].pk}/",
+                                  json.dumps({"nucleus_classes": [{"name": name, "color": "#ff0000"}]}),
+                                  content_type="application/json")
+    error = assert_error_shape(response, 400, "validation_error")
+    assert error["message"].startswith("nucleus_classes:")
+    team["project"].refresh_from_db()
+    assert all(isinstance(c["name"], str) and c["name"] != str(name) for c in team["project"].nucleus_classes)
