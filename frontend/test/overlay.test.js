@@ -1,6 +1,6 @@
 import { describe, it } from "node:test";
 import { expect } from "./expect.js";
-import { GridIndex, NucleusCache, OUTLINE_MIN_SCALE, drawOverlay, gridStep, grow, intersects, reproject, scoreRange, tileAt,
+import { GridIndex, NucleusCache, OUTLINE_MIN_SCALE, drawOverlay, gridPositions, grow, intersects, reproject, scoreRange, tileAt,
   uncertaintyColor, visibleRect } from "../src/lib/overlay.js";
 
 // A seeded generator, so a failure can be replayed.
@@ -76,10 +76,11 @@ describe("viewport geometry", () => {
     expect(tileAt(tiles, 999, 999).id).toBe(16);
     expect(tileAt(tiles, 1200, 5)).toBeNull();
   });
-  it("finds the grid's stride when background tiles are missing", () => {
-    expect(gridStep([0, 512, 768, 256, 1792], 200)).toBe(256);
-    expect(gridStep([128], 200)).toBe(200);
-    expect(gridStep([], 0)).toBe(1);
+  it("finds the grid's columns when background tiles are missing and the edge tile is shifted", () => {
+    // A 2400-px slide in 256-px tiles: the last tile starts at 2144; columns 2 and 5 had no tissue.
+    expect(gridPositions([0, 256, 768, 1024, 1536, 1792, 2048, 2144])).toEqual([0, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2144]);
+    expect(gridPositions([128])).toEqual([128]);
+    expect(gridPositions([])).toEqual([]);
   });
 });
 

@@ -151,6 +151,16 @@ def test_an_admin_uploads_a_slide_watches_it_ingest_and_browses_it_with_nuclei(s
                                     "upload_to_ingested_s": round(ingested, 2)})
 
     predict_every_tile(project, image)
+    # The dashboard's grid puts each kept tile in its own cell of the slide's grid (holes where
+    # background was dropped) and links the name to the viewer.
+    s.goto(f"/projects/{project.pk}/")
+    s.page.wait_for_selector(".tile-cell")
+    assert s.page.locator(".tile-cell").count() == image.tiles_kept
+    rows = s.page.evaluate("Math.max(...[...document.querySelectorAll('.tile-cell')].map(c => Number(c.style.gridRowStart)))")
+    cols = s.page.evaluate("Math.max(...[...document.querySelectorAll('.tile-cell')].map(c => Number(c.style.gridColumnStart)))")
+    assert (rows, cols) == (-(-image.height // 256), -(-image.width // 256))
+    assert s.page.get_attribute("a.image-name", "href") == f"/projects/{project.pk}/images/{image.pk}/"
+    s.shot("17b-dashboard-slide")
     s.goto(f"/projects/{project.pk}/images/")
     s.page.wait_for_selector(f"[data-testid=image-card][data-image-id='{image.pk}'] img")
     s.shot("17-images")

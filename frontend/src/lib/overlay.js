@@ -212,13 +212,22 @@ export function scoreRange(tiles) {
   return { lo: Math.min(...scores), hi: Math.max(...scores) };
 }
 
-// The stride of a tile grid along one axis: the smallest gap between tile origins (slides keep
-// only their tissue tiles, so the grid has holes).
-export function gridStep(origins, fallback) {
+// The columns (or rows) of a tile grid along one axis, from the origins of the tiles kept:
+// slides keep only their tissue tiles, so a column can be missing from the origins, and the
+// last tile is shifted inward to stay on the image (a smaller gap). The regular stride is the
+// most common gap; the positions are the regular ones plus any shifted edge origin.
+export function gridPositions(origins) {
   const sorted = [...new Set(origins)].sort((a, b) => a - b);
-  let step = Infinity;
-  for (let i = 1; i < sorted.length; i += 1) step = Math.min(step, sorted[i] - sorted[i - 1]);
-  return Number.isFinite(step) && step > 0 ? step : Math.max(1, fallback);
+  if (sorted.length < 2) return sorted;
+  const gaps = new Map();
+  for (let i = 1; i < sorted.length; i += 1) {
+    const gap = sorted[i] - sorted[i - 1];
+    gaps.set(gap, (gaps.get(gap) || 0) + 1);
+  }
+  const [stride] = [...gaps.entries()].sort((a, b) => b[1] - a[1] || b[0] - a[0])[0];
+  const positions = new Set(sorted);
+  for (let p = sorted[0] % stride; p < sorted[sorted.length - 1]; p += stride) positions.add(p);
+  return [...positions].sort((a, b) => a - b);
 }
 
 export function tileAt(tiles, x, y) {

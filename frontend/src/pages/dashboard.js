@@ -5,7 +5,7 @@ import { lineChart } from "../lib/plot.js";
 import { h, replace } from "../lib/dom.js";
 import { etaText, metric, percent, plural, relativeTime, roleAtLeast, runEtaSeconds, runProgress, statusLabel, versionMetrics } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, progressBar, projectUrl, spinner } from "../lib/layout.js";
-import { gridStep } from "../lib/overlay.js";
+import { gridPositions } from "../lib/overlay.js";
 
 export function versionChart(versions) {
   const sorted = [...versions].sort((a, b) => a.version - b.version);
@@ -98,9 +98,9 @@ export async function render(main, { config, socket }) {
     const grid = card("Images and tiles", images.images.length
       ? h("div", { class: "image-list" }, images.images.map((img) => {
         // Slides keep only their tissue tiles: each cell goes to its own row/column of the grid.
-        const stepX = gridStep(img.tiles.map((t) => t.x), img.tiles[0]?.w || img.width);
-        const stepY = gridStep(img.tiles.map((t) => t.y), img.tiles[0]?.h || img.height);
-        const cols = Math.max(1, Math.ceil(img.width / stepX));
+        const columns = gridPositions(img.tiles.map((t) => t.x));
+        const rows = gridPositions(img.tiles.map((t) => t.y));
+        const cols = Math.max(1, columns.length);
         return h("div", { class: "image-item" },
           // The size on its own line: after the name it was cut off by the ellipsis ("512x...").
           h("a", { class: "image-name", title: `${img.name}: open in the slide viewer`, href: projectUrl(project, `images/${img.id}/`) }, img.name),
@@ -108,7 +108,7 @@ export async function render(main, { config, socket }) {
           h("div", { class: "tile-grid", style: { gridTemplateColumns: `repeat(${cols}, 1fr)` } },
             img.tiles.map((t) => h("a", {
               class: `tile-cell seg-${t.status || "unlabelled"}`, href: projectUrl(project, `tiles/${t.id}/`),
-              style: { gridColumn: String(Math.round(t.x / stepX) + 1), gridRow: String(Math.round(t.y / stepY) + 1) },
+              style: { gridColumn: String(columns.indexOf(t.x) + 1), gridRow: String(rows.indexOf(t.y) + 1) },
               title: `tile ${t.id} (${t.x},${t.y}): ${statusLabel(t.status)}${t.version ? ` v${t.version}` : ""}`,
             }))));
       }))
