@@ -100,6 +100,7 @@ describe("training run progress", () => {
   it("says when a finished run stopped early", () => {
     expect(runProgress({ status: "succeeded", progress: 1 }, 5, 6).counter).toBe("stopped early after 5 of 6 epochs");
     expect(runProgress({ status: "succeeded", progress: 1 }, 6, 6).label).toBe("100%");
+    expect(runProgress({ status: "succeeded", progress: 1 }, 6, 6).counter).toBe("6 of 6 epochs");
   });
 
   it("estimates the time left from the time taken so far", () => {

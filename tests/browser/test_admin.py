@@ -110,7 +110,7 @@ def test_an_admin_launches_training_and_watches_live_epochs(trainable, open_sess
     assert run.status == RunStatus.SUCCEEDED, run.error
     s.page.wait_for_selector("[data-testid=run-outcome]", timeout=30_000)
     s.page.wait_for_selector("[data-testid=run-panel] .badge-succeeded")
-    assert s.page.inner_text("[data-testid=epoch-counter]").strip() == "epoch 3 of 3"
+    assert s.page.inner_text("[data-testid=epoch-counter]").strip() == "3 of 3 epochs"
     assert s.page.evaluate("window.__noReload === true")
     s.shot("10-training-done")
     record_timings("training_run", {"launch_to_two_live_epochs_s": round(two_epochs, 1),

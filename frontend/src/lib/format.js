@@ -112,7 +112,8 @@ export function versionMetrics(version) {
 export function runProgress(run, epochsDone, totalEpochs) {
   const total = Number.isFinite(totalEpochs) && totalEpochs > 0 ? totalEpochs : null;
   if (run.status === "succeeded") {
-    const counter = total && epochsDone < total ? `stopped early after ${epochsDone} of ${total} epochs` : `${epochsDone} epochs`;
+    const counter = !total ? `${epochsDone} epochs`
+      : epochsDone < total ? `stopped early after ${epochsDone} of ${total} epochs` : `${epochsDone} of ${total} epochs`;
     return { fraction: 1, label: "100%", counter };
   }
   if (run.status === "queued") return { fraction: 0, label: "queued", counter: total ? `${total} epochs planned` : "queued" };
