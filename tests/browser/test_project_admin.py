@@ -88,10 +88,12 @@ def test_an_admin_creates_a_project_invites_an_annotator_who_signs_in_with_the_l
     s.page.click("[data-testid=archive]")
     s.page.wait_for_selector("[data-testid=archived-banner]")
     assert Project.objects.get(pk=project.pk).archived_at is not None
+    assert s.page.locator("[data-testid=save-project]").is_disabled()
     s.shot("24-settings-archived")
     s.page.click("[data-testid=restore]")
     s.page.wait_for_selector("[data-testid=archive]")
     assert Project.objects.get(pk=project.pk).archived_at is None
+    assert not s.page.locator("[data-testid=save-project]").is_disabled()
     s.page.click("[data-testid=member][data-username='ana.perez'] [data-testid=remove-member]")
     s.page.wait_for_selector("[data-testid=member][data-username='ana.perez']", state="detached")
     assert not Membership.objects.filter(project=project, user=ana_user).exists()

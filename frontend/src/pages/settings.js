@@ -29,7 +29,12 @@ export async function render(main, { config }) {
     replace(formSlot, errorBox(error, () => location.reload()));
     return;
   }
-  const drawForm = () => replace(formSlot, projectForm({
+  const drawForm = () => {
+    drawFormInner();
+    // An archived project is read-only (the API refuses changes): so is its form.
+    if (project.archived_at) for (const el of formSlot.querySelectorAll("input, select, textarea, button")) el.disabled = true;
+  };
+  const drawFormInner = () => replace(formSlot, projectForm({
     project, catalog: config.catalog, tilingLocked: (project.tile_count ?? 0) > 0 || project.image_count > 0,
     submitLabel: "Save settings",
     onSubmit: async (body) => {
@@ -54,6 +59,7 @@ export async function render(main, { config }) {
           if (!project.archived_at) replace(banner);
           toast(project.archived_at ? "Project archived." : "Project restored.", "ok");
           drawArchive();
+          drawForm();
         } catch (error) {
           toast(error.message, "error");
         }
