@@ -14,9 +14,11 @@ from one prediction (and, when they exist, from extra TTA / MC-dropout samples):
   ``[low, 0.5)`` outside every predicted nucleus, at least a quarter of the median predicted
   nucleus area; each adds its mean probability (a blob the model half-sees is a coin flip);
 * **instance-level disagreement** (:func:`instance_disagreement`, needs instance maps of
-  several samples): a predicted nucleus that has no IoU >= 0.5 partner in a sample vanished,
-  split or merged there; a sample nucleus with no partner appeared. ``instance_flips`` = sum
-  over predicted nuclei of the share of samples where they flip + mean number appearing.
+  several samples): a predicted nucleus that has no partner with IoU >= 0.7 in a sample (the
+  redraw threshold of ``effort.correction_effort``) vanished, split, merged or changed shape
+  there; a sample nucleus that overlaps no predicted nucleus at all appeared.
+  ``instance_flips`` = sum over predicted nuclei of the share of samples where they flip +
+  mean number appearing per sample.
 
 Per tile: ``expected_fixes = sum_i p_fix_i + missed`` (in nuclei). Ranking by it alone prefers
 crowded tiles, ranking by uncertainty per nucleus steered to empty background (issue 16); the
@@ -124,8 +126,9 @@ def missed_nuclei(fg: np.ndarray, instances: np.ndarray, *, low: float = 0.3, ba
     return float(np.clip(mean_p[keep], 0.0, 1.0).sum()), mask
 
 
-def _match(a: np.ndarray, b: np.ndarray, iou: float = 0.5) -> tuple[set[int], set[int]]:
-    """Labels of ``a`` and of ``b`` that have a partner with IoU >= ``iou`` (unique for 0.5)."""
+def _match(a: np.ndarray, b: np.ndarray, iou: float = 0.7) -> tuple[set[int], set[int]]:
+    """Labels of ``a`` that have a partner in ``b`` with IoU >= ``iou`` (unique for iou > 0.5),
+    and the labels of ``b`` that overlap some nucleus of ``a`` at all."""
     a = a.astype(np.int64)
     b = b.astype(np.int64)
     both = (a > 0) & (b > 0)
@@ -136,15 +139,16 @@ def _match(a: np.ndarray, b: np.ndarray, iou: float = 0.5) -> tuple[set[int], se
     area_b = np.bincount(b.ravel())
     union = area_a[pairs[0]] + area_b[pairs[1]] - inter
     ok = inter / union >= iou
-    return {int(x) for x in pairs[0][ok]}, {int(x) for x in pairs[1][ok]}
+    return {int(x) for x in pairs[0][ok]}, {int(x) for x in pairs[1]}
 
 
 def instance_disagreement(instances: np.ndarray, samples: Sequence[np.ndarray]) -> tuple[dict[int, float], float]:
-    """({label: share of samples where the predicted nucleus vanished / split / merged},
-    mean number of nuclei per sample that appear without a partner in ``instances``).
+    """({label: share of samples where the predicted nucleus vanished / split / merged /
+    changed shape}, mean number of nuclei per sample that overlap no predicted nucleus).
 
     A nucleus keeps its identity in a sample when some sample nucleus overlaps it with
-    IoU >= 0.5 (that partner is unique); a split or a merge breaks that, as does a vanishing."""
+    IoU >= 0.7 (that partner is unique); a split, a merge, a vanishing or an outline the
+    annotator would redraw breaks that."""
     inst = np.asarray(instances)
     labels = [int(v) for v in np.unique(inst) if v != 0]
     if not samples:
@@ -194,7 +198,8 @@ def fix_rate(expected_fixes: np.ndarray, nuclei: np.ndarray | None, *, tile_s: f
     return 60.0 * e / (tile_s + check_s * n + fix_s * e)
 
 
-def expected_fixes_heatmap(probs: np.ndarray, instances: np.ndarray, *, kind: str = "softmax", band: int = 2) -> np.ndarray:
+def expected_fixes_heatmap(probs: np.ndarray, instances: np.ndarray, *, kind: str = "softmax",
+                           band: int = 2) -> np.ndarray:
     """(H, W) float32 in [0, 1]: where the fixes are. Each predicted nucleus (and its contour
     band) shows its ``p_fix``, each missed blob its mean probability, the rest of the tile
     a quarter of its pixel entropy (visible, but below any nucleus that needs work)."""
