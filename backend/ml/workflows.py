@@ -280,18 +280,24 @@ def uncertainty_name(mask_name: str) -> str:
 
 
 def uncertainty_png(analysis) -> bytes | None:
-    """The normalised per-pixel class entropy of the prediction, as an 8-bit grayscale PNG."""
+    """Where the fixes are, as an 8-bit grayscale PNG (255 = surely to fix): each predicted
+    nucleus shows its probability of needing a fix, a blob the model half-sees its mean
+    probability, the rest of the tile a quarter of its pixel entropy
+    (``ml_worker.active_learning.expected_fixes_heatmap``)."""
     import io
 
     from PIL import Image as PILImage
 
-    from ml_worker.active_learning.scores import pixel_entropy
+    from ml_worker.active_learning import expected_fixes_heatmap
 
     if getattr(analysis, "probs", None) is None:
         return None
-    entropy = pixel_entropy(analysis.probs, analysis.kind)
+    instances = getattr(analysis, "instances", None)
+    if instances is None:
+        instances = np.zeros(analysis.probs.shape[1:], np.int32)
+    heat = expected_fixes_heatmap(analysis.probs, instances, kind=analysis.kind)
     buffer = io.BytesIO()
-    PILImage.fromarray(np.round(entropy * 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    PILImage.fromarray(np.round(heat * 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -213,7 +213,7 @@ def test_the_summary_counts_tiles_by_status(tile_with_prediction, api, team):
     assert images[0]["tiles"][0]["status"] == "submitted"
 
 
-def test_the_worker_uncertainty_map_is_the_pixel_entropy():
+def test_the_worker_uncertainty_map_shows_the_nuclei_to_fix():
     from types import SimpleNamespace
 
     from PIL import Image
@@ -221,10 +221,17 @@ def test_the_worker_uncertainty_map_is_the_pixel_entropy():
 
     from backend.ml.workflows import uncertainty_name, uncertainty_png
 
-    probs = np.stack([np.full((8, 8), 0.5), np.full((8, 8), 0.5)]).astype(np.float32)
-    probs[:, :4] = np.array([1.0, 0.0])[:, None, None]
-    image = np.asarray(Image.open(io.BytesIO(uncertainty_png(SimpleNamespace(probs=probs, kind="softmax")))))
-    assert image[:4].max() == 0 and image[4:].min() == 255  # rows 0-3 certain, the rest a coin toss
+    yy, xx = np.mgrid[:32, :32]
+    instances = np.zeros((32, 32), np.int32)
+    instances[(yy - 8) ** 2 + (xx - 8) ** 2 <= 16] = 1
+    instances[(yy - 22) ** 2 + (xx - 22) ** 2 <= 16] = 2
+    fg = np.where(instances == 1, 0.99, np.where(instances == 2, 0.6, 0.01)).astype(np.float32)
+    probs = np.stack([1 - fg, fg])
+    analysis = SimpleNamespace(probs=probs, kind="softmax", instances=instances)
+    image = np.asarray(Image.open(io.BytesIO(uncertainty_png(analysis)))).astype(int)
+    # the doubtful nucleus is hot, the confident one and the empty background cold
+    assert image[instances == 2].mean() > 3 * image[instances == 1].mean()
+    assert image[0:3, 26:32].max() < 20
     assert uncertainty_png(SimpleNamespace(probs=None, kind="softmax")) is None
     assert uncertainty_name("predictions/3/7.png") == "predictions/3/7-uncertainty.png"
 
