@@ -241,6 +241,10 @@ def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progre
     ok, reason = gate(candidate=metrics, active=active_metrics)
     weights_bytes = Path(result.best_path).read_bytes()
     trained, _normalizer, _meta = load_for_inference(result.best_path)
+    # One temperature per version, on the frozen validation split: scores comparable across versions.
+    from ml_worker.active_learning.calibration import fit_model_temperature
+
+    temperature = fit_model_temperature(trained, val_samples, normalizer=_normalizer, tile_size=config.tile_size)
     with StagedWrites() as staged, transaction.atomic():
         # Cancel is honoured up to promotion: checked under the run's row lock, in the same
         # transaction that would store and promote the model (cancel_run updates that row).
@@ -258,7 +262,8 @@ def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progre
             model_version = ModelVersion.objects.create(
                 project=project, version=version, architecture=run.architecture,
                 init_kwargs=dict(trained.init_kwargs), weights=name,
-                metrics={**metrics, "validation_note": note.strip(), "active_at_gating": active_metrics},
+                metrics={**metrics, "validation_note": note.strip(), "active_at_gating": active_metrics,
+                         "calibration": {"temperature": temperature}},
                 training_run=run, status=ModelStatus.CANDIDATE, status_reason=reason + note,
             )
             TrainingRun.objects.filter(pk=run.pk).update(
@@ -314,12 +319,13 @@ def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int
     # The extra passes (MC dropout, TTA) only when the project's strategy ranks by their scores.
     extra = catalog.analysis_kwargs(project.al_strategy) if project.al_strategy in catalog.strategy_names() else {}
     tile_size = int(meta.get("config", {}).get("tile_size", 256))
+    temperature = ((model_version.metrics or {}).get("calibration") or {}).get("temperature")
     done = seen = 0
     slide_totals = _slide_totals(tiles)
     for batch in _batches(prefetched_pixels(tiles), PREDICT_BATCH):
         # Tiles of one shape go through the network together; reads of the next ones overlap.
         analyses = analyze_tiles(model, [rgb for _, rgb in batch], normalizer=normalizer, tile_size=tile_size,
-                                 batch_size=PREDICT_BATCH, **extra)
+                                 batch_size=PREDICT_BATCH, temperature=temperature, **extra)
         for tile, analysis in zip([t for t, _ in batch], analyses):
             done += _store_prediction(tile=tile, analysis=analysis, model_version=model_version)
         seen += len(batch)

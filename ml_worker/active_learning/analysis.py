@@ -108,6 +108,14 @@ def _class_probs(model: Any, probs: np.ndarray) -> np.ndarray:
     return fn(probs) if callable(fn) else probs
 
 
+def _tempered(probs: np.ndarray, temperature: float | None, kind: str) -> np.ndarray:
+    if temperature is None or float(temperature) == 1.0:
+        return probs
+    from ml_worker.active_learning.nuclei import apply_temperature
+
+    return apply_temperature(probs, float(temperature), kind=kind)
+
+
 def _instance_flips(instances: np.ndarray, samples: list[np.ndarray]) -> float:
     """Expected nuclei that vanish, split, merge or appear across the TTA samples."""
     from ml_worker.active_learning.nuclei import instance_disagreement
@@ -302,6 +310,7 @@ def analyze_tile(
     tta_transforms: Sequence[str] = ("hflip", "vflip", "rot90"),
     band: int = 2,
     seed: int = 0,
+    temperature: float | None = None,
 ) -> TileAnalysis:
     """Predict one candidate tile and score it for active learning.
 
@@ -319,6 +328,9 @@ def analyze_tile(
         tta_transforms: names in :data:`TTA_TRANSFORMS`.
         band: contour band half-width (px) of the ``boundary`` score.
         seed: seeds the MC-dropout masks.
+        temperature: the model version's calibration (``calibration.fit_model_temperature``):
+            the cheap scores are computed on the re-tempered class probabilities; the
+            instances (and ``probs``) stay those of the plain pass.
 
     Returns:
         :class:`TileAnalysis`.
@@ -360,7 +372,8 @@ def analyze_tile(
     kind = output_kind(model, probs.shape[0])
     instances = np.asarray(model.to_instances(probs), dtype=np.int32)  # type: ignore[operator]
     count = int(np.count_nonzero(np.unique(instances)))
-    scores = uncertainty_scores(_class_probs(model, probs), instances, kind=kind, band=band)
+    scores = uncertainty_scores(_tempered(_class_probs(model, probs), temperature, kind), instances, kind=kind,
+                                band=band)
 
     # --- epistemic uncertainty: MC dropout on the bottleneck
     if mc_samples > 0:
@@ -419,6 +432,7 @@ def analyze_tiles(
     tta_transforms: Sequence[str] = ("hflip", "vflip", "rot90"),
     band: int = 2,
     seed: int = 0,
+    temperature: float | None = None,
 ) -> list[TileAnalysis]:
     """:func:`analyze_tile` for many candidate tiles, batched: tiles that fit in one
     inference tile (both sides <= ``tile_size``) and share a shape go through the network
@@ -447,7 +461,7 @@ def analyze_tiles(
     groups: dict[tuple[int, int], list[int]] = {}
     single_kw = dict(normalizer=normalizer, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
                      device=dev, mc_samples=mc_samples, tta=tta, mc_dropout_p=mc_dropout_p,
-                     tta_transforms=tta_transforms, band=band, seed=seed)
+                     tta_transforms=tta_transforms, band=band, seed=seed, temperature=temperature)
     for i, im in enumerate(imgs):
         h, w = im.shape[:2]
         if h <= tile and w <= tile:
@@ -514,7 +528,8 @@ def analyze_tiles(
                 for j, i in enumerate(chunk):
                     p = np.ascontiguousarray(probs[j], dtype=np.float32)
                     inst = np.asarray(model.to_instances(p), dtype=np.int32)  # type: ignore[operator]
-                    scores = uncertainty_scores(_class_probs(model, p), inst, kind=kind, band=band)
+                    scores = uncertainty_scores(_tempered(_class_probs(model, p), temperature, kind), inst, kind=kind,
+                                                band=band)
                     if mc_fg is not None:
                         st = mc_fg[j]
                         scores["mc_dropout"] = float(st.var(axis=0).mean())

@@ -305,3 +305,20 @@ def test_self_supervised_pretraining_writes_weights_a_training_run_starts_from(t
     assert run.status == "completed"
     with pytest.raises(ValueError, match="at least one tile"):
         pretrain([], tmp_path / "x.pt", cfg)
+
+
+def test_a_model_versions_temperature_is_fitted_on_held_out_tiles_and_tempers_only_the_scores():
+    from ml_worker.active_learning.calibration import fit_model_temperature
+    from ml_worker.data import Preprocessing, Sample
+
+    prep = Preprocessing(None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    model = _ContrastModel().eval()
+    inst = _disks(CENTRES)
+    held_out = [Sample("a", _tile(150), inst), Sample("b", _tile(40), inst)]
+    t = fit_model_temperature(model, held_out, normalizer=prep, tile_size=S, device="cpu")
+    assert 0.05 < t < 20 and t != pytest.approx(1.0)
+    assert fit_model_temperature(model, [], normalizer=prep) == 1.0
+    plain, hot = (analyze_tiles(model, [_tile(25)], normalizer=prep, tile_size=S, overlap=0, device="cpu",
+                                temperature=temp)[0] for temp in (None, 3.0))
+    np.testing.assert_array_equal(plain.instances, hot.instances)  # the masks do not change
+    assert hot.scores["entropy"] > plain.scores["entropy"]  # softer probabilities: more uncertain
