@@ -251,6 +251,37 @@ def test_an_interrupted_upload_resumes_after_a_reload_sending_only_the_missing_c
     assert s.page.locator("[data-testid=interrupted]").count() == 0
 
 
+def test_files_that_are_not_slides_are_skipped_or_refused_with_the_reason_and_the_list_shows_each_state(
+        slide_project, open_session, tmp_path):
+    project = slide_project["project"]
+    fake = tmp_path / "scan.svs"
+    fake.write_bytes(b"this is not a slide\n" * 5000)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("slide notes")
+    s = open_session("admin", PASSWORD)
+    s.goto(f"/projects/{project.pk}/upload/")
+    s.page.wait_for_selector("[data-testid=drop-zone]")
+    s.page.set_input_files("[data-testid=file-input]", [str(fake), str(notes)])
+    assert "notes.txt (not a slide or image format Karyo reads)" in s.page.inner_text("[data-testid=skipped]")
+    s.page.wait_for_selector("[data-testid=upload-row][data-state=failed]", timeout=30_000)
+    message = s.page.inner_text("[data-testid=upload-row] [data-testid=upload-state]")
+    assert "scan.svs" in message and len(message) > 30, message
+    assert not Image.objects.filter(project=project).exists()
+    s.shot("16c-upload-refused")
+
+    # What the list shows for an image still ingesting and one whose ingest failed.
+    common = {"project": project, "format": "svs", "file": "images/x.svs", "width": 40000, "height": 30000, "kind": "slide"}
+    Image.objects.create(name="big-slide.svs", sha256="a" * 64, state=ImageState.INGESTING, ingest_progress=0.4, **common)
+    Image.objects.create(name="broken.svs", sha256="b" * 64, state=ImageState.FAILED,
+                         state_reason="broken.svs: the file is cut short (truncated after 1.2 GB)", **common)
+    s.goto(f"/projects/{project.pk}/images/")
+    s.page.wait_for_selector("[data-testid=image-ingesting]")
+    assert "ingesting 40%" in s.page.inner_text("[data-testid=image-ingesting]")
+    assert "truncated after 1.2 GB" in s.page.inner_text("[data-testid=image-failed]")
+    s.page.wait_for_selector("[data-testid=ingest-waits]")  # no worker in this test
+    s.shot("17c-images-ingesting-and-failed")
+
+
 def test_only_project_admins_see_the_upload_page(slide_project, open_session):
     project = slide_project["project"]
     s = open_session("annotator", PASSWORD)

@@ -5,7 +5,7 @@
 import { api, listAll } from "../lib/api.js";
 import { h, replace } from "../lib/dom.js";
 import { duration, plural, roleAtLeast } from "../lib/format.js";
-import { badge, card, emptyState, errorBox, progressBar, projectUrl, spinner, toast } from "../lib/layout.js";
+import { badge, card, emptyState, errorBox, onWorkerStatus, progressBar, projectUrl, spinner, toast } from "../lib/layout.js";
 import { ChunkedUpload, SLIDE_EXTENSIONS, classifyFiles, filesFromDrop, resumeKey, storedUploads } from "../lib/uploader.js";
 
 export function humanBytes(n) {
@@ -64,10 +64,15 @@ export async function render(main, { config, socket }) {
 
   const listBody = h("div", {}, spinner());
   const images = new Map(); // id -> image (with live ingest fields)
+  let workerOnline = true;
 
   function draw() {
     const all = [...images.values()].sort((a, b) => b.id - a.id);
-    replace(listBody, all.length
+    const waiting = !workerOnline && all.some((img) => img.state === "ingesting");
+    replace(listBody, waiting
+      ? h("div", { class: "interrupted-box", "data-testid": "ingest-waits", style: { margin: "0 0 12px" } },
+        "No background worker is running: ingest waits until one starts (make run starts one).")
+      : null, all.length
       ? h("div", { class: "image-cards", "data-testid": "image-list" }, all.map((img) => imageCard(project, img)))
       : emptyState("No images yet", isAdmin
         ? "Upload slides (SVS, NDPI, SCN, BIF, pyramidal TIFF) or PNG/JPEG images; large ones go up in resumable chunks."
@@ -95,6 +100,11 @@ export async function render(main, { config, socket }) {
     replace(listBody, errorBox(error, () => location.reload()));
     return;
   }
+  onWorkerStatus((worker) => {
+    if (worker.online === workerOnline) return;
+    workerOnline = worker.online;
+    draw();
+  });
   let reload = null;
   socket?.subscribe((event) => {
     if (event.kind !== "image.ingest") return;
