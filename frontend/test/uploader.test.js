@@ -1,7 +1,7 @@
 import { describe, it } from "node:test";
 import { expect } from "./expect.js";
 import { ApiError } from "../src/lib/api.js";
-import { ChunkedUpload, RateMeter, bytesOf, chunkPlan, classifyFiles, pendingParts, resumeKey, storedUploads } from "../src/lib/uploader.js";
+import { ChunkedUpload, RateMeter, bytesOf, chunkPlan, classifyFiles, filesFromDrop, pendingParts, resumeKey, storedUploads } from "../src/lib/uploader.js";
 
 // localStorage's interface over a Map.
 class MemoryStorage {
@@ -98,6 +98,28 @@ describe("choosing files", () => {
     expect(accepted.map((x) => x.name)).toEqual(["a.svs", "b.NDPI", "c.ome.tiff"]);
     expect(skipped.map((x) => x.reason)).toEqual(["hidden file", "not a slide or image format Karyo reads",
       "zip files are not unpacked: drop the slides (or their folder) instead", "empty file"]);
+  });
+});
+
+describe("dropped folders", () => {
+  // The FileSystemEntry API of a drop: directories answer readEntries in batches, then [].
+  const file = (name) => ({ isFile: true, isDirectory: false, name, file: (ok) => ok(new File(["x"], name)) });
+  const dir = (name, children, batch = 2) => ({
+    isFile: false, isDirectory: true, name,
+    createReader() {
+      let at = 0;
+      return { readEntries: (ok) => { ok(children.slice(at, at + batch)); at += batch; } };
+    },
+  });
+  it("walks every folder level and every batch, keeping the paths", async () => {
+    const tree = dir("case-12", [file("a.svs"), dir("extra", [file("b.ndpi")]), file("c.svs"), file("notes.txt"), file("d.tiff")]);
+    const files = await filesFromDrop({ items: [{ webkitGetAsEntry: () => tree }, { webkitGetAsEntry: () => file("e.png") }] });
+    expect(files.map((f) => f.relativePath)).toEqual(["case-12/a.svs", "case-12/extra/b.ndpi", "case-12/c.svs", "case-12/notes.txt",
+      "case-12/d.tiff", "e.png"]);
+  });
+  it("falls back to the plain file list", async () => {
+    const plain = [new File(["x"], "a.svs")];
+    expect(await filesFromDrop({ items: [], files: plain })).toEqual(plain);
   });
 });
 
