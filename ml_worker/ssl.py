@@ -174,3 +174,41 @@ def ssl_embeddings(checkpoint: str | Path, tiles: Sequence[np.ndarray], *, tile_
     model, meta = load_checkpoint(checkpoint)
     prep = Preprocessing.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
     return np.stack([embed_tile(model, t, normalizer=prep, tile_size=tile_size, device="cpu") for t in tiles])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ml_worker.ssl --data DIR --out ssl.pt``: pretrain on the images of a dataset
+    folder (its masks, if any, are not read), cut into ``--tile`` tiles."""
+    import argparse
+    import json
+    import sys
+
+    from ml_worker.data import IMAGE_EXTS, DataError, read_image
+
+    p = argparse.ArgumentParser(prog="python -m ml_worker.ssl", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="folder of images (DIR/images or DIR)")
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--arch", default="unet")
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--tile", type=int, default=128, help="cut the images into tiles of this side")
+    p.add_argument("--steps", type=int, default=SSLConfig.steps)
+    p.add_argument("--crop", type=int, default=SSLConfig.crop)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    try:
+        root = Path(a.data) / "images" if (Path(a.data) / "images").is_dir() else Path(a.data)
+        images = [read_image(f) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_EXTS]
+        tiles = [im[y : y + a.tile, x : x + a.tile] for im in images
+                 for y in range(0, max(1, im.shape[0] - a.tile + 1), a.tile)
+                 for x in range(0, max(1, im.shape[1] - a.tile + 1), a.tile)]
+        info = pretrain(tiles, a.out, SSLConfig(arch=a.arch, model_kwargs={"width": a.width}, steps=a.steps,
+                                                crop=a.crop, threads=a.threads))
+    except (ValueError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

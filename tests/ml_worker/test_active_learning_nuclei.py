@@ -322,3 +322,19 @@ def test_a_model_versions_temperature_is_fitted_on_held_out_tiles_and_tempers_on
                                 temperature=temp)[0] for temp in (None, 3.0))
     np.testing.assert_array_equal(plain.instances, hot.instances)  # the masks do not change
     assert hot.scores["entropy"] > plain.scores["entropy"]  # softer probabilities: more uncertain
+
+
+def test_the_ssl_command_pretrains_on_a_folder_and_refuses_a_missing_one(tmp_path, capsys):
+    import json
+
+    from ml_worker.checkpoint import load_checkpoint
+    from ml_worker.ssl import main
+    from ml_worker.synth import write_dataset
+
+    write_dataset(tmp_path / "d", 2, "pap", 64, seed=0)
+    out = tmp_path / "ssl.pt"
+    assert main(["--data", str(tmp_path / "d"), "--out", str(out), "--tile", "64", "--steps", "2", "--crop", "32",
+                 "--width", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    assert load_checkpoint(out)[1]["ssl"]["tiles"] == 2
+    assert main(["--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
