@@ -79,9 +79,17 @@ def test_the_gpu_worker_reserves_a_gpu_and_consumes_only_the_gpu_queue():
     service = compose()["services"]["worker-gpu"]
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     command = service["command"]
-    assert command[command.index("-Q") + 1] == "gpu" and command[command.index("--concurrency") + 1] == "1"
+    # One task at a time, in the worker's own process (the solo pool): the shutdown handler reaches training.
+    assert command[command.index("-Q") + 1] == "gpu" and command[command.index("--pool") + 1] == "solo"
     cpu = compose()["services"]["worker-cpu"]["command"]
     assert cpu[cpu.index("-Q") + 1] == "cpu"
+
+
+def test_the_web_server_runs_several_processes_and_one_beat_runs_with_a_pidfile():
+    web = compose()["services"]["web"]["command"][-1]
+    assert "gunicorn" in web and "uvicorn_worker.UvicornWorker" in web and "-w $${KARYO_WEB_PROCESSES:-4}" in web
+    scheduler = compose()["services"]["scheduler"]
+    assert "--pidfile" in scheduler["command"] and scheduler["deploy"]["replicas"] == 1
 
 
 def test_every_service_has_a_health_check_or_is_a_one_shot_job():
