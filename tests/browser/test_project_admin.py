@@ -178,3 +178,47 @@ def test_training_curves_zoom_and_show_values_under_the_cursor(make_user, open_s
     s.page.mouse.dblclick(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
     reset = s.page.evaluate(f"(() => {{ const p = document.querySelector(\"{chart}\").plot; return [p.scales.x.min, p.scales.x.max]; }})()")
     assert reset == before
+
+
+def test_while_the_first_model_trains_the_dashboard_and_queue_show_the_run_and_its_eta(make_user, open_session):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from backend.ml.models import RunStatus, TrainingRun
+    from backend.projects.services import create_project
+
+    staff = make_user("trainer", is_staff=True, password=PASSWORD)
+    project = create_project(name="First run", created_by=staff, tile_size=64)
+    from backend.images.services import ingest_images
+    from ml_worker import synth
+    from tests.browser.scenario import decoded
+
+    pixels, _ = synth.generate("he", size=128, seed=7, nucleus_radius=(5, 8))
+    ingest_images(project=project, images=[decoded("he-7.png", pixels)], uploaded_by=staff)
+    # 5 of 6 epochs done and the steps of the 6th finished (progress 1.0): it used to read 100 %.
+    epochs = [{"epoch": e, "epochs": 6, "train_loss": 1.0 / e, "val": {"dice": 0.1 * e, "aji": 0.05 * e}} for e in range(1, 6)]
+    TrainingRun.objects.create(project=project, architecture="unet", status=RunStatus.RUNNING, progress=0.67,
+                               config={"epochs": 6}, epoch_metrics=epochs[:4],
+                               started_at=timezone.now() - dt.timedelta(minutes=4), heartbeat_at=timezone.now())
+    s = open_session("trainer", PASSWORD)
+    s.goto(f"/projects/{project.pk}/")
+    s.page.wait_for_selector("#model-card")
+    s.page.wait_for_selector("[data-testid=run-eta]")
+    model_card = s.page.inner_text("#model-card")
+    assert "First model in training" in model_card and "No model yet" not in model_card
+    assert "67%" in model_card and "min left" in model_card
+    assert "epoch 5 of 6" in s.page.inner_text("main")
+    s.shot("29-dashboard-first-run-eta")
+    s.goto(f"/projects/{project.pk}/queue/")
+    s.page.wait_for_selector("[data-testid=queue-grid] [data-testid=empty-state]")
+    text = s.page.inner_text("[data-testid=queue-grid]")
+    assert "first model is training" in text and "No model has been trained" not in text
+
+    TrainingRun.objects.filter(project=project).update(progress=1.0, epoch_metrics=epochs, heartbeat_at=timezone.now())
+    s.goto(f"/projects/{project.pk}/training/")
+    s.page.wait_for_selector("[data-testid=epoch-counter]")
+    assert s.page.inner_text("[data-testid=epoch-counter]").strip() == "epoch 6 of 6"
+    bar = s.page.inner_text("[data-testid=run-panel] .progress-label")
+    assert bar.startswith("99%") and "validating epoch 6" in bar
+    s.shot("30-training-last-epoch-validating", full_page=False)

@@ -82,7 +82,7 @@ export async function render(main, { config, socket }) {
         : emptyState("No model yet", "Annotate a few tiles, then an admin launches the first training run (or it starts by itself after "
         + `${summary.project.auto_retrain_threshold} accepted annotations).`,
         roleAtLeast(project.my_role, "admin") ? h("a", { class: "btn btn-primary", href: projectUrl(project, "training/") }, "Launch training") : null),
-    { actions: h("a", { href: projectUrl(project, "models/"), class: "link" }, "All versions →") });
+    { actions: h("a", { href: projectUrl(project, "models/"), class: "link" }, "All versions →"), id: "model-card" });
 
     const liveBar = live ? runProgress(live, (live.epoch_metrics || []).length, Number(live.config?.epochs)) : null;
     const runCard = live
