@@ -1,11 +1,12 @@
 """The one geometry codec: instance label maps <-> polygons, <-> Label Studio regions, and the
-Label Studio labelling config. Framework-free (numpy, scipy, scikit-image's neighbours cv2 and
-pycocotools, imported where needed): the editor, the Label Studio sync and the export formats
-all use it, and so can the engine side.
+Label Studio labelling config. Framework-free (numpy and scipy; OpenCV, pycocotools and the
+Label Studio SDK are imported only by the functions that need them): the editor, the Label
+Studio sync and the export formats all use it, and so can the engine side.
 
 Coordinates are pixels with the *corner* convention: pixel (row r, column c) is the unit square
-[c, c+1) x [r, r+1), so its centre is (c+0.5, r+0.5). ``offset`` arguments are (x, y) added to
-every vertex written (a tile's position in its image, a slide region's level-0 origin).
+[c, c+1) x [r, r+1), so its centre is (c+0.5, r+0.5). ``offset`` arguments are whole-pixel
+(x, y) added to every vertex written (a tile's position in its image, a slide region's level-0
+origin) and, when decoding, the origin of the window to rasterise.
 
 One rasterisation rule (:func:`rasterize_rings`): a pixel belongs to a polygon when its centre
 lies inside it (even-odd over all rings, so hole rings cut holes; a centre exactly on an edge
