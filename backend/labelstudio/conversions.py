@@ -36,14 +36,23 @@ def result_digest(result: list) -> str:
 
 # --- out: instance mask -> polygons -----------------------------------------------------------
 
-def prediction_result(instances: np.ndarray, *, classes: dict[str, int] | None, nucleus_classes: list[dict]) -> list[dict]:
+def prediction_result(instances: np.ndarray, *, classes: dict[str, int] | None, nucleus_classes: list[dict],
+                      scores: dict[str, float] | None = None) -> list[dict]:
     """One ``polygonlabels`` region per nucleus (per piece, for the rare split nucleus), simplified
-    yet rasterising back to the exact pixels."""
+    yet rasterising back to the exact pixels, labelled with its class (``classes``: instance id ->
+    class id; default the first class). ``scores`` (instance id -> the model's confidence in the
+    nucleus' class) become Label Studio's per-region ``score``."""
     names = {c["id"]: c["name"] for c in nucleus_classes}
     default = nucleus_classes[0]["name"]
-    return geometry.polygon_results(
+    result = geometry.polygon_results(
         instances, class_of=lambda label: names.get((classes or {}).get(str(label)), default), simplify="exact"
     )
+    if scores:
+        for region in result:
+            label = geometry.label_from_region_id(region["id"])
+            if label is not None and str(label) in scores:
+                region["score"] = float(scores[str(label)])
+    return result
 
 
 # --- in: annotation result -> instance mask ---------------------------------------------------

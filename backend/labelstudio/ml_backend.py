@@ -63,8 +63,9 @@ def ml_predict(*, ls_project, tasks: list[dict]) -> dict:
             missing.append(tile_id)
             continue
         results.append({
-            "result": conversions.prediction_result(read_label_map(prediction.mask.name), classes=None,
-                                                    nucleus_classes=project.nucleus_classes),
+            "result": conversions.prediction_result(read_label_map(prediction.mask.name), classes=prediction.class_ids(),
+                                                    nucleus_classes=project.nucleus_classes,
+                                                    scores=prediction.class_confidences()),
             "score": scores.get(tile_id, 1.0),
             "model_version": model_version_tag(model_version),
         })

@@ -184,7 +184,8 @@ def _push(*, link: LabelStudioLink, client: LabelStudioClient, tiles=None) -> in
                 PushedPrediction.objects.filter(pk=current.pk).update(score=score)
             continue
         result = conversions.prediction_result(
-            read_label_map(prediction.mask.name), classes=None, nucleus_classes=project.nucleus_classes
+            read_label_map(prediction.mask.name), classes=prediction.class_ids(),
+            nucleus_classes=project.nucleus_classes, scores=prediction.class_confidences(),
         )
         new_id = client.create_prediction(task_id=task.ls_task_id, result=result, score=score, model_version=tag)
         if current is not None:

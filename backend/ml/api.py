@@ -23,7 +23,7 @@ class ModelVersionSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = ModelVersion
-        fields = ["id", "project", "version", "architecture", "init_kwargs", "metrics", "training_run", "status",
+        fields = ["id", "project", "version", "architecture", "init_kwargs", "metrics", "classes", "training_run", "status",
                   "status_reason", "created_at", "promoted_at", "correction_effort"]
         read_only_fields = fields
 

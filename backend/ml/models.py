@@ -67,6 +67,11 @@ class ModelVersion(models.Model):
     init_kwargs = models.JSONField(default=dict, blank=True)
     weights = models.FileField(max_length=255, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    classes = models.JSONField(
+        default=list, blank=True,
+        help_text="The model's nucleus classes in its output order (model class i+1 = entry i): "
+        "[{id: project class id, name}]. Empty: a binary model (every nucleus the project's first class).",
+    )
     training_run = models.ForeignKey(TrainingRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_versions")
     status = models.CharField(max_length=16, choices=ModelStatus.choices, default=ModelStatus.CANDIDATE)
     status_reason = models.TextField(blank=True)
@@ -90,11 +95,26 @@ class Prediction(models.Model):
     nucleus_count = models.PositiveIntegerField(default=0)
     uncertainty = models.JSONField(default=dict, blank=True, help_text="Strategy name -> score (higher = less certain).")
     embedding = models.JSONField(default=list, blank=True, help_text="Pooled encoder features (diversity sampling).")
+    classes = models.JSONField(
+        default=dict, blank=True,
+        help_text="Instance id -> [project nucleus class id, class confidence in 0..1]; empty for a binary model.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["tile", "model_version"], name="unique_prediction")]
         ordering = ["tile_id", "-created_at"]
+
+    def class_ids(self) -> dict[str, int]:
+        """Instance id -> project nucleus class id (empty: a binary model's prediction, every
+        nucleus of the project's first class)."""
+        return {str(k): int(v[0]) for k, v in (self.classes or {}).items()
+                if isinstance(v, list) and v and isinstance(v[0], int)}
+
+    def class_confidences(self) -> dict[str, float]:
+        """Instance id -> the model's confidence in that nucleus' class (0..1)."""
+        return {str(k): float(v[1]) for k, v in (self.classes or {}).items()
+                if isinstance(v, list) and len(v) > 1 and isinstance(v[1], int | float)}
 
 
 class QueueEntry(models.Model):

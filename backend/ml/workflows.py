@@ -72,18 +72,80 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
 
+def model_classes(project: Project) -> list[dict]:
+    """The nucleus classes a model of ``project`` learns, in model order (model class i+1 =
+    entry i): the project's classes when it has more than one, else none (a binary model)."""
+    classes = list(project.nucleus_classes or [])
+    if len(classes) < 2:
+        return []
+    return [{"id": int(c["id"]), "name": str(c["name"])} for c in classes]
+
+
+def class_map(instances: np.ndarray, classes: dict | None, *, model_ids: dict[int, int]) -> np.ndarray:
+    """Per-pixel model class ids (1..K, 0 = background) of a label map whose nuclei have project
+    class ids ``classes`` (instance id -> class id); a nucleus without one, or with a class the
+    model does not know, gets the project's first class (as the editor shows it)."""
+    n = int(instances.max(initial=0))
+    default = min(model_ids.values())
+    lut = np.full(n + 1, default, np.uint8)
+    lut[0] = 0
+    for label, class_id in (classes or {}).items():
+        if str(label).isdigit() and 0 < int(label) <= n:
+            lut[int(label)] = model_ids.get(int(class_id), default)
+    return lut[instances]
+
+
 def load_samples(*, project: Project) -> tuple[list, list]:
-    """The latest accepted annotation of every tile, as ml_worker Samples, split by the frozen split."""
+    """The latest accepted annotation of every tile, as ml_worker Samples, split by the frozen split.
+    In a project with several nucleus classes each sample carries its per-pixel class map (model
+    class ids of :func:`model_classes`), built from the annotation's class per nucleus."""
     from ml_worker.data import Sample
 
+    typed = model_classes(project)
+    model_ids = {c["id"]: i for i, c in enumerate(typed, start=1)}
     train, val = [], []
     for annotation in training_annotations(project=project).order_by("tile_id"):
         tile = annotation.tile
-        sample = Sample(
-            name=f"tile-{tile.pk}", image=read_tile_rgb(tile), instances=read_label_map(annotation.mask.name)
-        )
+        instances = read_label_map(annotation.mask.name)
+        classes = class_map(instances, annotation.classes, model_ids=model_ids) if typed else None
+        sample = Sample(name=f"tile-{tile.pk}", image=read_tile_rgb(tile), instances=instances, classes=classes)
         (val if tile.image.split == Split.VAL else train).append(sample)
     return train, val
+
+
+def learns_classes(architecture: str) -> bool:
+    """Does the architecture predict nucleus classes (a softmax over background + K classes)?"""
+    from ml_worker.models import MODELS, KaryoModel
+
+    return MODELS[architecture].activation is KaryoModel.activation
+
+
+def untyped(samples: list) -> list:
+    from ml_worker.data import Sample
+
+    return [Sample(s.name, s.image, s.instances) for s in samples]
+
+
+def typed_metrics(metrics: dict, classes: list[dict]) -> dict:
+    """The engine's per-class PQ (``pq_class<i>``, model class i) also as ``per_class_pq``
+    keyed by the project's class names; unchanged for a binary model."""
+    per_class = {}
+    for i, c in enumerate(classes, start=1):
+        if f"pq_class{i}" in metrics:
+            per_class[c["name"]] = metrics[f"pq_class{i}"]
+    return {**metrics, "per_class_pq": per_class} if per_class else metrics
+
+
+def _finite(value):
+    """NaN/inf -> None, recursively (a class absent from the validation tiles has no PQ; JSON
+    columns refuse NaN)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def load_model(model_version: ModelVersion):
@@ -213,6 +275,15 @@ def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progre
     if not val_samples:
         val_samples = train_samples
         note = " (no validation images are annotated yet: metrics are on training data)"
+    typed = model_classes(project)
+    if typed and not learns_classes(run.architecture):
+        # Its output is not a class distribution: it learns nuclei vs background, and says so.
+        typed = []
+        class_note = f" ({run.architecture} predicts no nucleus classes: it learnt nuclei vs background)"
+    else:
+        class_note = ""
+    if not typed:
+        train_samples, val_samples = untyped(train_samples), untyped(val_samples)
     options = dict(run.config)
     width = options.pop("width", None)
     config = TrainConfig(
@@ -221,6 +292,7 @@ def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progre
         out_dir=str(out_dir),
         resume=str(out_dir / "last.pt") if (out_dir / "last.pt").exists() else None,
         **options,
+        classes=[c["name"] for c in typed] or None,
     )
     init = None
     if run.warm_start_id and run.warm_start.weights:
@@ -231,13 +303,17 @@ def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progre
     result = train(config, train_samples, val_samples, progress=progress, should_stop=should_stop)
     if result.status == "cancelled":
         return _finish_stopped(run=run, project=project, why=_cancelled_or_stopping(run) or "cancelled")
-    metrics = dict(result.best_metrics)
+    metrics = _finite(typed_metrics(dict(result.best_metrics), typed))
     active = ModelVersion.objects.filter(project=project, status=ModelStatus.ACTIVE).first()
     active_metrics = None
     if active is not None:
         # Re-measured now, on the same frozen split, so the comparison is fair.
         model, normalizer, _meta = load_model(active)
-        active_metrics, _ = evaluate_samples(model, val_samples, tile_size=config.tile_size, normalizer=normalizer)
+        # Its class ids are comparable only when it learnt the same classes in the same order.
+        same_classes = [c["id"] for c in (active.classes or [])] == [c["id"] for c in typed]
+        active_metrics, _ = evaluate_samples(model, val_samples if same_classes else untyped(val_samples),
+                                             tile_size=config.tile_size, normalizer=normalizer)
+        active_metrics = _finite(typed_metrics(active_metrics, active.classes or []))
     ok, reason = gate(candidate=metrics, active=active_metrics)
     weights_bytes = Path(result.best_path).read_bytes()
     trained, _normalizer, _meta = load_for_inference(result.best_path)
@@ -261,10 +337,10 @@ def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progre
             name = staged.save(f"models/{project.pk}/v{version}-run{run.pk}.pt", weights_bytes)
             model_version = ModelVersion.objects.create(
                 project=project, version=version, architecture=run.architecture,
-                init_kwargs=dict(trained.init_kwargs), weights=name,
+                init_kwargs=dict(trained.init_kwargs), weights=name, classes=typed,
                 metrics={**metrics, "validation_note": note.strip(), "active_at_gating": active_metrics,
                          "calibration": {"temperature": temperature}},
-                training_run=run, status=ModelStatus.CANDIDATE, status_reason=reason + note,
+                training_run=run, status=ModelStatus.CANDIDATE, status_reason=reason + note + class_note,
             )
             TrainingRun.objects.filter(pk=run.pk).update(
                 status=RunStatus.SUCCEEDED, progress=1.0, finished_at=timezone.now(), model_version=model_version
@@ -327,7 +403,8 @@ def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int
         analyses = analyze_tiles(model, [rgb for _, rgb in batch], normalizer=normalizer, tile_size=tile_size,
                                  batch_size=PREDICT_BATCH, temperature=temperature, **extra)
         for tile, analysis in zip([t for t, _ in batch], analyses):
-            done += _store_prediction(tile=tile, analysis=analysis, model_version=model_version)
+            done += _store_prediction(tile=tile, analysis=analysis, model_version=model_version,
+                                      classes=nucleus_classes(model, analysis, model_version.classes or []))
         seen += len(batch)
         events.publish(project_id, "predict.progress", model_version=model_version.pk, done=seen, total=len(tiles))
         _publish_slide_progress(project_id, model_version, slide_totals, tiles[:seen])
@@ -348,8 +425,26 @@ def _batches(items, size: int):
         yield batch
 
 
-def _store_prediction(*, tile: Tile, analysis, model_version: ModelVersion) -> int:
-    """Store one tile's prediction (mask + heat map + scores); 0 when a retried task already did."""
+def nucleus_classes(model, analysis, classes: list[dict]) -> dict[str, list]:
+    """Instance id -> [project class id, confidence] for a typed model (``classes``: the model
+    version's classes in model order): each nucleus' soft-majority class over its pixels and that
+    class' share of its foreground probability (``ml_worker.instances.instance_classes``).
+    Empty for a binary model."""
+    if not classes or getattr(analysis, "probs", None) is None:
+        return {}
+    from ml_worker.instances import instance_classes
+
+    labels, confidence = instance_classes(analysis.instances, model.class_probabilities(analysis.probs))
+    present = [int(v) for v in np.unique(analysis.instances) if v]
+    return {
+        str(i): [int(classes[int(labels[i]) - 1]["id"]), round(float(confidence[i]), 4)]
+        for i in present if 0 < int(labels[i]) <= len(classes)
+    }
+
+
+def _store_prediction(*, tile: Tile, analysis, model_version: ModelVersion, classes: dict | None = None) -> int:
+    """Store one tile's prediction (mask + heat map + scores + class per nucleus); 0 when a
+    retried task already did."""
     png = encode_png(analysis.instances)
     heat = uncertainty_png(analysis)
     try:
@@ -361,7 +456,7 @@ def _store_prediction(*, tile: Tile, analysis, model_version: ModelVersion) -> i
             Prediction.objects.create(
                 tile=tile, model_version=model_version, mask=name, nucleus_count=int(analysis.nucleus_count),
                 uncertainty={k: float(v) for k, v in analysis.scores.items()},
-                embedding=[float(x) for x in np.asarray(analysis.embedding).ravel()],
+                embedding=[float(x) for x in np.asarray(analysis.embedding).ravel()], classes=classes or {},
             )
         return 1
     except IntegrityError:

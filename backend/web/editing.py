@@ -51,6 +51,17 @@ def editor_regions(instances: np.ndarray, *, classes: dict | None, nucleus_class
     )
 
 
+def with_scores(regions: list[dict], confidence: dict[str, float]) -> list[dict]:
+    """The regions with Label Studio's per-region ``score`` (the model's confidence in the
+    nucleus' class), for the nuclei that have one; the cached list is not modified."""
+    out = []
+    for region in regions:
+        label = geometry.label_from_region_id(str(region.get("id") or ""))
+        score = confidence.get(str(label)) if label is not None else None
+        out.append(region if score is None else {**region, "score": score})
+    return out
+
+
 @dataclass
 class EditResult:
     instances: np.ndarray

@@ -77,7 +77,8 @@ def editor_source(tile: Tile, *, source: str = "auto", annotation_id: int | None
         return EditorSource("annotation", read_label_map(annotation.mask.name), dict(annotation.classes or {}),
                             annotation=annotation)
     if prediction is not None:
-        return EditorSource("prediction", read_label_map(prediction.mask.name), {}, prediction=prediction)
+        return EditorSource("prediction", read_label_map(prediction.mask.name), prediction.class_ids(),
+                            prediction=prediction)
     return empty
 
 
@@ -93,6 +94,8 @@ def editor_payload(tile: Tile, *, source: str = "auto", annotation_id: int | Non
         if mask_name:
             cache.set(key, result, 3600)
     prediction, annotation = chosen.prediction, chosen.annotation
+    if prediction is not None and chosen.kind == "prediction" and prediction.classes:
+        result = editing.with_scores(result, prediction.class_confidences())
     return {
         "tile": {"id": tile.pk, "image": tile.image_id, "image_name": tile.image.name, "x": tile.x, "y": tile.y,
                  "w": tile.w, "h": tile.h, "image_url": f"/api/tiles/{tile.pk}/image.png"},
@@ -101,6 +104,7 @@ def editor_payload(tile: Tile, *, source: str = "auto", annotation_id: int | Non
             "id": prediction.pk, "model_version": prediction.model_version_id,
             "version": prediction.model_version.version, "architecture": prediction.model_version.architecture,
             "nucleus_count": prediction.nucleus_count, "created_at": prediction.created_at,
+            "typed": bool(prediction.classes),
         },
         "annotation": None if annotation is None else {
             "id": annotation.pk, "version": annotation.version, "status": annotation.status,
@@ -127,7 +131,7 @@ def submit_edits(*, tile: Tile, user, data: dict) -> tuple[Annotation, editing.E
         prediction = Prediction.objects.filter(pk=base.get("id"), tile=tile).select_related("model_version").first()
         if prediction is None:
             raise InvalidUpload("base: that prediction does not belong to this tile", code="invalid_base")
-        instances, classes = read_label_map(prediction.mask.name), {}
+        instances, classes = read_label_map(prediction.mask.name), prediction.class_ids()
     elif kind == "annotation":
         annotation = Annotation.objects.filter(pk=base.get("id"), tile=tile).first()
         if annotation is None:
