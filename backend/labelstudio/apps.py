@@ -15,3 +15,6 @@ class LabelStudioConfig(AppConfig):
         from backend.images.signals import annotation_saved
 
         annotation_saved.connect(receivers.on_annotation_saved, dispatch_uid="labelstudio.on_annotation_saved")
+        from backend.projects.signals import members_changed
+
+        members_changed.connect(receivers.on_members_changed, dispatch_uid="labelstudio.on_members_changed")

@@ -117,3 +117,20 @@ def schedule_annotation_push(*, annotation) -> None:
 
     if is_configured() and not annotation.external_id and annotation.status != AnnotationStatus.DRAFT:
         enqueue_on_commit("karyo.cpu.labelstudio_push_annotations", annotation.tile.project_id)
+
+
+def sync_project_members(*, project) -> int:
+    """Accounts for a project's editing members, outside a full sync (its members changed)."""
+    from .client import LabelStudioError, is_configured
+    from .links import get_link, record_error
+
+    if not is_configured():
+        return 0
+    link = get_link(project=project)
+    if link.ls_project_id is None:
+        return 0  # the first sync creates the Label Studio project and the accounts
+    try:
+        return sync_members(link=link, client=LabelStudioClient())
+    except LabelStudioError as exc:
+        record_error(link=link, operation="members", error=exc)
+        raise

@@ -17,3 +17,14 @@ def on_annotation_saved(sender, *, annotation, **_kwargs) -> None:
     from .members import schedule_annotation_push
 
     schedule_annotation_push(annotation=annotation)
+
+
+def on_members_changed(sender, *, project, **_kwargs) -> None:
+    """projects.signals.members_changed: new editing members get their Label Studio user now
+    (cpu queue) rather than at the next periodic sync."""
+    from backend.common.jobs import enqueue_on_commit
+
+    from .client import is_configured
+
+    if is_configured():
+        enqueue_on_commit("karyo.cpu.labelstudio_members", project.pk)

@@ -61,3 +61,17 @@ def push_annotations(project_id: int) -> int:
         return push_member_annotations(project=project)
     except (LabelStudioError, KaryoError):
         return 0  # recorded on the project (or a sync holds it): the periodic sync pushes them
+
+
+@shared_task(name="karyo.cpu.labelstudio_members")
+def sync_member_accounts(project_id: int) -> int:
+    """A Label Studio user for each editing member of the project (after its members changed)."""
+    from .members import sync_project_members
+
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        return 0
+    try:
+        return sync_project_members(project=project)
+    except LabelStudioError:
+        return 0  # recorded on the project: the periodic sync creates them

@@ -27,6 +27,7 @@ from django.utils.http import urlsafe_base64_encode
 from backend.common.errors import Conflict, KaryoError
 
 from .models import Membership, Project, Role
+from .services import announce_members_changed
 
 logger = logging.getLogger(__name__)
 USERNAME_RE = re.compile(r"^[\w.@+-]{1,150}$")
@@ -92,6 +93,7 @@ def invite_member(*, project: Project, username: str = "", email: str = "", role
         membership, added = Membership.objects.get_or_create(user=user, project=project, defaults={"role": role})
         if not added:
             raise Conflict(f"{user.username} is already a member of {project.name}")
+        announce_members_changed(project=project)
     link = None if user.has_usable_password() else set_password_url(user=user)
     emailed = False
     if link and user.email and settings.KARYO_EMAIL_CONFIGURED:

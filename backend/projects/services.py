@@ -44,6 +44,7 @@ def change_role(*, membership: Membership, role: str) -> Membership:
         _ensure_another_admin(membership)
     membership.role = role
     membership.save(update_fields=["role"])
+    announce_members_changed(project=membership.project)
     return membership
 
 
@@ -51,7 +52,9 @@ def change_role(*, membership: Membership, role: str) -> Membership:
 def remove_member(*, membership: Membership) -> None:
     if membership.role == Role.ADMIN:
         _ensure_another_admin(membership)
+    project = membership.project
     membership.delete()
+    announce_members_changed(project=project)
 
 
 def _ensure_another_admin(membership: Membership) -> None:
@@ -112,3 +115,10 @@ def restore_project(*, project: Project) -> Project:
         project.archived_at = None
         project.save(update_fields=["archived_at"])
     return project
+
+
+def announce_members_changed(*, project: Project) -> None:
+    """Tell the apps above (labelstudio) once the change has committed."""
+    from .signals import members_changed
+
+    transaction.on_commit(lambda: members_changed.send(sender=Project, project=project))

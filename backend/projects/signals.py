@@ -8,3 +8,7 @@ from django.dispatch import Signal
 # ints). Each receiver returns the subset its data still uses (images: annotation class maps);
 # a class in use is not removed.
 class_usage = Signal()
+
+# A project's members changed (added, invited, role changed, removed), after the change committed.
+# Arguments: ``project``. Subscribers: labelstudio (a Label Studio user per editing member).
+members_changed = Signal()

@@ -181,3 +181,26 @@ def test_the_demo_seed_gives_every_image_its_own_name(make_user, settings):
     for project in Project.objects.filter(name__startswith="Demo"):
         names = list(Image.objects.filter(project=project).values_list("name", flat=True))
         assert len(names) >= 6 and len(set(names)) == len(names), names
+
+
+def test_member_changes_are_announced_after_commit(api, team, django_capture_on_commit_callbacks):
+    from backend.projects.signals import members_changed
+
+    seen = []
+
+    def receiver(sender, *, project, **_kwargs):
+        seen.append(project.pk)
+
+    members_changed.connect(receiver, dispatch_uid="test.members_changed")
+    try:
+        admin, pk = api("admin"), team["project"].pk
+        with django_capture_on_commit_callbacks(execute=True):
+            created = admin.post(f"/api/projects/{pk}/members/", {"username": "newbie", "role": "annotator"}, format="json")
+        assert created.status_code == 201 and seen == [pk]
+        membership_id = created.json()["id"]
+        with django_capture_on_commit_callbacks(execute=True):
+            admin.patch(f"/api/projects/{pk}/members/{membership_id}/", {"role": "reviewer"}, format="json")
+            admin.delete(f"/api/projects/{pk}/members/{membership_id}/")
+        assert seen == [pk, pk, pk]
+    finally:
+        members_changed.disconnect(dispatch_uid="test.members_changed")

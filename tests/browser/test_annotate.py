@@ -34,7 +34,7 @@ def test_an_annotator_corrects_a_tile_from_the_queue_and_sees_the_new_version(pr
 
     s.goto(f"/projects/{p.pk}/")
     s.page.wait_for_selector("[data-testid=stat-annotated]")
-    s.page.wait_for_selector("#version-chart svg")
+    s.page.wait_for_selector("#version-chart .plot[data-ready='1'] canvas")
     assert "0 / 8" in s.page.inner_text("[data-testid=stat-annotated]")
     s.shot("02-dashboard")
 
