@@ -25,6 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ml_worker.presets import PRESETS as _PRESETS
+from ml_worker.presets import preset_names
+
 __all__ = [
     "ARCHITECTURES",
     "AUGMENT_PRESETS",
@@ -274,6 +277,7 @@ _ENCODER_WEIGHTS = Option(
     "a local file of pre-trained ResNet/ResNeXt encoder weights (torchvision key names); nothing is downloaded",
     nullable=True, settable=False,
 )
+_ACTS = ("relu", "mish", "silu", "leaky_relu", "gelu", "selu", "prelu")
 _LAYERS = Option("layers", "int_list", None, "blocks per encoder stage, overriding the depth's standard counts",
                  nullable=True, minimum=1, maximum=64, length=4)
 
@@ -299,6 +303,8 @@ class Architecture:
     width_option: str | None
     options: tuple[Option, ...]
     schedule: str = ""
+    #: named set-ups (``ml_worker.presets``): ``fast`` and, for the seed papers, ``paper``
+    presets: tuple[Choice, ...] = ()
 
     def option(self, name: str) -> Option:
         for o in self.options:
@@ -317,7 +323,8 @@ class Architecture:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "label": self.label, "help": self.help, "default_loss": self.default_loss,
                 "output": self.output, "size_divisor": self.size_divisor, "width_option": self.width_option,
-                "schedule": self.schedule, "options": [o.as_dict() for o in self.options]}
+                "schedule": self.schedule, "options": [o.as_dict() for o in self.options],
+                "presets": [p.as_dict() for p in self.presets]}
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -340,6 +347,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             Option("core_depth", "int", 1, "levels the first stage trains", minimum=1, maximum=4),
             Option("base_size", "int", 32, "input size of the first stage; it doubles every stage",
                    minimum=8, maximum=1024),
+            Option("pyramid_input", "bool", True,
+                   "also feed every level the image down-sampled to its scale (Karyo's addition; the paper has none)"),
         ),
     ),
     Architecture(
@@ -359,8 +368,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             Option("branch_channels", "int", 32, "channels of each full-scale skip branch", minimum=1, maximum=512),
             Option("decoder_channels", "int", 128, "channels of each decoder stage", minimum=1, maximum=1024),
             Option("aspp_channels", "int", 256, "channels of the ASPP bridge", minimum=1, maximum=2048),
-            Option("act", "str", "mish", "activation everywhere (Mish in the paper)",
-                   choices=("relu", "mish", "silu", "leaky_relu", "gelu")),
+            Option("act", "str", "mish", "activation of the decoder (and of the encoder unless encoder_act is set)",
+                   choices=_ACTS),
+            Option("encoder_act", "str", None,
+                   "activation inside the ResNeXt encoder; relu to use ImageNet weights; empty: the same as act",
+                   choices=_ACTS, nullable=True),
             _ENCODER_WEIGHTS,
         ),
     ),
@@ -381,14 +393,17 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             Option("sr_blocks", "int", 2, "residual blocks of the super-resolution head", minimum=0, maximum=16),
             Option("ssim_weight", "float", 0.25, "weight of the super-resolution SSIM loss", minimum=0, maximum=10),
             Option("edge_weight", "float", 0.4, "weight of the edge loss", minimum=0, maximum=10),
+            Option("decoder", "str", "fusion",
+                   "fusion: fuse the down-sampling map of every scale on the way up (Karyo's); paper: the reference "
+                   "decoder, no skip fusions and two convs at full resolution", choices=("fusion", "paper")),
         ),
     ),
     Architecture(
         "hspnet", "HSP-Net",
         "ResNet encoder with vertical and horizontal spatial-pyramid (ASPP) blocks over four scales: "
         "good on nuclei of very different sizes",
-        default_loss="ce_dice", output="softmax", size_divisor=32, width_option="base_channels",
-        schedule="two-phase fine-tuning when encoder weights are given",
+        default_loss="ce_dice", output="softmax", size_divisor=1, width_option="base_channels",
+        schedule="two-phase fine-tuning when encoder weights are given; any tile size (padded to 32 inside)",
         options=(
             Option("depth", "int", 34, "ResNet depth (34 and 101 are the paper's)", choices=(18, 34, 50, 101, 152)),
             Option("base_channels", "int", 64, "channels of the ResNet stem; the stages widen from it",
@@ -398,6 +413,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             Option("head_channels", "int", 64, "channels of the segmentation head", minimum=1, maximum=512),
             Option("rates", "int_list", (6, 12, 18), "dilation rates of the spatial-pyramid convolutions",
                    minimum=1, maximum=64),
+            Option("ds_widths", "int_list", None,
+                   "widths of the four vertical pyramid blocks (x/4 to x/32; the paper's 32, 64, 128, 256); "
+                   "empty: all ds_channels", nullable=True, minimum=1, maximum=1024, length=4),
             _ENCODER_WEIGHTS,
         ),
     ),
@@ -411,6 +429,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             _depth(4),
             Option("target_radius", "int", 2, "pixels nuclei are shrunk by for the core target and the border width",
                    minimum=1, maximum=16),
+            Option("encoder", "str", "unet", "unet: double 3x3 convs and max-pooling; xception: separable-conv "
+                   "blocks with strided shortcuts", choices=("unet", "xception")),
+            Option("act", "str", "relu", "activation everywhere (SELU in the DSB 2018 model)", choices=_ACTS),
+            Option("postprocess", "str", "watershed",
+                   "how cores grow into nuclei: marker watershed, or random walker (slower, smoother cuts)",
+                   choices=("watershed", "random_walker")),
         ),
     ),
 )
@@ -425,6 +449,10 @@ INSTANCE_HEAD_OPTION = Option(
 CREATE_MODEL_OPTIONS = ("instance_head",)
 ARCHITECTURES = tuple(
     replace(a, options=(*a.options, INSTANCE_HEAD_OPTION)) if a.output == "softmax" else a for a in ARCHITECTURES
+)
+ARCHITECTURES = tuple(
+    replace(a, presets=tuple(Choice(n, n, _PRESETS[a.name][n]["help"]) for n in preset_names(a.name)))
+    for a in ARCHITECTURES
 )
 
 #: what a project trains when it says nothing else (also ``TrainConfig.arch``'s default)
@@ -524,6 +552,9 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
            minimum=0, maximum=10000, nullable=True),
     Option("val_every", "int", 1, "validate every this many epochs (and always at the last)", minimum=1,
            maximum=10000),
+    Option("encoder_lr_factor", "float", 1.0,
+           "learning rate of a pre-trained encoder relative to the rest (HSP-Net's paper: 0.1)", minimum=0,
+           maximum=1, exclusive_minimum=True),
     Option("grad_clip", "float", None, "clip the gradient norm to this value; empty: no clipping", minimum=0,
            maximum=1e6, exclusive_minimum=True, nullable=True),
     Option("lr_schedule", "str", "constant",

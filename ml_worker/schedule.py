@@ -122,6 +122,13 @@ def configure(model: KaryoModel, plan: Plan, epoch: int, config: TrainConfig) ->
         params = [p for p in model.parameters() if p.requires_grad]
         lr = float(config.lr) * float(config.phase2_lr_factor)
         return [{"params": params, "lr": lr, "weight_decay": wd, "name": "all_but_bn"}]
+    factor = float(config.encoder_lr_factor)
+    if factor != 1.0 and any(True for _ in model.encoder_parameters()):
+        # Pre-trained encoder at a lower rate than the new decoder (HSP-Net: 0.1x).
+        enc = [p for p in model.encoder_parameters() if p.requires_grad]
+        rest = [p for p in model.non_encoder_parameters() if p.requires_grad]
+        return [{"params": rest, "lr": float(config.lr), "weight_decay": wd, "name": "decoder"},
+                {"params": enc, "lr": float(config.lr) * factor, "weight_decay": wd, "name": "encoder"}]
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": float(config.lr),
              "weight_decay": wd, "name": "all"}]
 

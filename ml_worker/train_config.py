@@ -61,6 +61,8 @@ class TrainConfig:
         phase1_epochs: decoder-only epochs of the two-phase schedule; None =
             ``max(1, epochs // 4)``.
         phase2_lr_factor: learning-rate multiplier of phase 2.
+        encoder_lr_factor: the encoder's learning rate relative to ``lr`` (its own parameter
+            group; HSP-Net's paper trains its pre-trained ResNet at 0.1x). 1 = one group.
         grad_clip: clip the gradient norm to this value; None = off.
         lr_schedule: ``constant``, ``cosine`` (from the base rate down to 1 % of it over the
             run) or ``step`` (times ``lr_step_gamma`` every ``lr_step_epochs`` epochs); applied
@@ -119,6 +121,7 @@ class TrainConfig:
     encoder_weights: str | None = None
     phase1_epochs: int | None = None
     phase2_lr_factor: float = 0.1
+    encoder_lr_factor: float = 1.0
     grad_clip: float | None = None
     lr_schedule: str = "constant"
     warmup_epochs: int = 0
@@ -187,6 +190,8 @@ class TrainConfig:
             self.classes = [str(c) for c in self.classes]
         if int(self.bn_recalibrate_patches) < 2:
             raise ValueError(f"bn_recalibrate_patches must be >= 2, got {self.bn_recalibrate_patches}")
+        if not 0.0 < float(self.encoder_lr_factor) <= 1.0:
+            raise ValueError(f"encoder_lr_factor must be in (0, 1], got {self.encoder_lr_factor}")
         if float(self.lr) <= 0 or float(self.stage_lr_new) <= 0 or float(self.stage_lr_old) < 0:
             raise ValueError("learning rates must be positive")
         if self.loss is not None:

@@ -24,7 +24,8 @@ __all__ = [
 
 def make_act(name: str = "relu") -> nn.Module:
     """Activation module by name: ``relu``, ``mish`` (x·tanh(softplus(x))), ``silu``,
-    ``leaky_relu`` or ``gelu``.
+    ``leaky_relu``, ``gelu``, ``selu`` (self-normalising, Klambauer 2017) or ``prelu``
+    (one learned slope, as in DSSNet's reference code).
 
     ReLU is in-place-free on purpose: in-place activations save little memory at our sizes
     and break autograd when a block output is reused (residual/skip connections).
@@ -40,7 +41,11 @@ def make_act(name: str = "relu") -> nn.Module:
         return nn.LeakyReLU(0.01)
     if name == "gelu":
         return nn.GELU()
-    raise ValueError(f"unknown activation {name!r} (relu, mish, silu, leaky_relu, gelu)")
+    if name == "selu":
+        return nn.SELU()
+    if name == "prelu":
+        return nn.PReLU()
+    raise ValueError(f"unknown activation {name!r} (relu, mish, silu, leaky_relu, gelu, selu, prelu)")
 
 
 class ConvBNAct(nn.Sequential):

@@ -95,6 +95,38 @@ class FusionStep(nn.Module):
         return self.conv(torch.cat([x, skip], dim=1))
 
 
+#: ``decoder`` choices: ``fusion`` (Karyo's, fuses the SDS map of every scale on the way up)
+#: and ``paper`` (the reference implementation's: no skip fusions, two convs at full resolution)
+DECODERS = ("fusion", "paper")
+
+
+class PaperDecoder(nn.Module):
+    """DSSNet's decoder as in the authors' reference code (github.com/ldrunning/DSSNet,
+    ``dss.py``): nearest ×4 up-sampling of the 1/8 features, 1×1 + 3×3 convs at 1/2, the edge
+    branch at 1/2, then 3×3 convs to ``d`` (32) and ``fine`` (20) channels, nearest ×2 to full
+    resolution and two 3×3 convs there. Plain biased convs with PReLU, as in that code
+    (without its weight normalisation).
+
+    up: (B, c, H/8, W/8) → (B, c, H/2, W/2); edge: → (B, 1, H/2, W/2); segment: → (B, K, H, W).
+    """
+
+    def __init__(self, feature_channels: int, decoder_channels: int, num_classes: int) -> None:
+        super().__init__()
+        c = 2 * feature_channels  # extractor input ++ output
+        d = decoder_channels
+        fine = max(2, d * 5 // 8)  # 20 at the reference width d = 32
+
+        def conv(i: int, o: int, k: int = 3) -> nn.Conv2d:
+            return nn.Conv2d(i, o, k, padding=k // 2)
+
+        self.up = nn.Sequential(nn.Upsample(scale_factor=4, mode="nearest"), conv(c, c, 1), nn.PReLU(), conv(c, c),
+                                nn.PReLU())
+        self.edge = nn.Sequential(conv(c, c), nn.PReLU(), conv(c, c), conv(c, 1), conv(1, 1))
+        self.segment = nn.Sequential(conv(c, d), nn.PReLU(), conv(d, fine), nn.PReLU(),
+                                     nn.Upsample(scale_factor=2, mode="nearest"), conv(fine, fine),
+                                     conv(fine, num_classes))
+
+
 @register("dssnet")
 class DSSNet(KaryoModel):
     """DSSNet; see module docstring. ``forward`` is the fast inference path (no SR/edge)."""
@@ -115,8 +147,12 @@ class DSSNet(KaryoModel):
         sr_blocks: int = 2,
         ssim_weight: float = 0.25,
         edge_weight: float = 0.4,
+        decoder: str = "fusion",
     ) -> None:
         super().__init__(in_channels, num_classes)
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown DSSNet decoder {decoder!r}; choose from {', '.join(DECODERS)}")
+        self.decoder = decoder
         s, f, d = width, feature_channels, decoder_channels
         self.ssim_weight = ssim_weight
         self.edge_weight = edge_weight
@@ -134,6 +170,10 @@ class DSSNet(KaryoModel):
         # --- feature extractor at 1/8
         self.extract_in = ConvBNAct(s, f, 1)
         self.extractor = nn.Sequential(*[WNeck(f, expand_channels) for _ in range(num_blocks)])
+        self.embed_dim = f
+        if decoder == "paper":
+            self.paper_decoder = PaperDecoder(f, d, num_classes)
+            return
         # --- fusion + up-sampling (1/8 → 1/4 → 1/2 → 1)
         self.fuse8 = FusionStep(f, s, d, kernel=1)
         self.fuse4 = FusionStep(d, s, d)
@@ -142,7 +182,6 @@ class DSSNet(KaryoModel):
         # --- heads
         self.edge_head = nn.Sequential(ConvBNAct(d, d // 2, 3), nn.Conv2d(d // 2, 1, 1))
         self.seg_head = nn.Sequential(ConvBNAct(d, d, 3), nn.Conv2d(d, num_classes, 1))
-        self.embed_dim = f
 
     def _down(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_input(x)
@@ -159,10 +198,27 @@ class DSSNet(KaryoModel):
         return self.fuse1(y, maps[0])  # (B, d, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seg_head(self._decode(self._down(x)))  # (B, K, H, W)
+        maps = self._down(x)
+        if self.decoder == "paper":
+            return self.paper_decoder.segment(self._paper_features(maps))  # (B, K, H, W)
+        return self.seg_head(self._decode(maps))  # (B, K, H, W)
+
+    def _paper_features(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """The reference code's extractor output: its input concatenated with the blocks'
+        output (B, 2f, H/8, W/8), up-sampled ×4 and mixed (B, 2f, H/2, W/2)."""
+        head = self.extract_in(maps[3])  # (B, f, H/8, W/8)
+        return self.paper_decoder.up(torch.cat([head, self.extractor(head)], dim=1))
 
     def forward_train(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         maps = self._down(x)
+        if self.decoder == "paper":
+            y = self._paper_features(maps)  # (B, 2f, H/2, W/2)
+            edge = self.paper_decoder.edge(y)  # (B, 1, H/2, W/2): the paper's edge map is at 1/2
+            return {
+                "seg": self.paper_decoder.segment(y),  # (B, K, H, W)
+                "sr": self.sr_head(maps[3]),  # (B, C, H, W)
+                "edge": F.interpolate(edge, size=x.shape[-2:], mode="bilinear", align_corners=False),
+            }
         y = self._decode(maps)
         return {
             "seg": self.seg_head(y),  # (B, K, H, W)

@@ -40,7 +40,11 @@ class HSPNet(KaryoModel):
     """HSP-Net; see module docstring. Default loss: CE + Dice."""
 
     default_loss = "ce_dice"
-    size_divisor = 32
+    # Any input size: forward pads to a multiple of 32 (the encoder's stride) and crops back,
+    # so the paper's 400-px tiles work.
+    size_divisor = 1
+    #: the encoder's total stride; inputs are padded to a multiple of it
+    pad_multiple = 32
 
     def __init__(
         self,
@@ -52,6 +56,7 @@ class HSPNet(KaryoModel):
         ds_channels: int = 128,
         head_channels: int = 64,
         rates: tuple[int, ...] = (6, 12, 18),
+        ds_widths: tuple[int, int, int, int] | None = None,
         encoder_weights: str | PathLike[str] | None = None,
     ) -> None:
         super().__init__(in_channels, num_classes)
@@ -65,8 +70,11 @@ class HSPNet(KaryoModel):
         )
         scales = self.encoder.channels[1:]  # x/4, x/8, x/16, x/32
         r = ds_channels
-        self.v_hsp = nn.ModuleList([DSBlock(c, r, rates=tuple(rates)) for c in scales])
-        self.h_hsp = DSBlock(len(scales) * r, r, rates=tuple(rates))
+        widths = [r] * len(scales) if ds_widths is None else [int(w) for w in ds_widths]
+        if len(widths) != len(scales):
+            raise ValueError(f"ds_widths needs one width per encoder scale ({len(scales)}), got {ds_widths}")
+        self.v_hsp = nn.ModuleList([DSBlock(c, w, rates=tuple(rates)) for c, w in zip(scales, widths, strict=True)])
+        self.h_hsp = DSBlock(sum(widths), r, rates=tuple(rates))
         self.head = nn.Sequential(
             ConvBNAct(r, head_channels, 3),
             ConvBNAct(head_channels, head_channels, 3),
@@ -74,15 +82,28 @@ class HSPNet(KaryoModel):
         )
         self.embed_dim = scales[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad the bottom/right to a multiple of :attr:`pad_multiple` by mirroring (what the
+        tiler does beyond an image border); replicate when the input is too small to mirror."""
         self.check_input(x)
-        feats = self.encoder(x)[1:]  # x/4 .. x/32
+        h, w = x.shape[-2:]
+        m = self.pad_multiple
+        ph, pw = -h % m, -w % m
+        if not ph and not pw:
+            return x
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        xp = self._pad(x)  # (B, C, H', W'), H' and W' multiples of 32
+        feats = self.encoder(xp)[1:]  # x/4 .. x/32
         ref = feats[0]
-        pyramid = [resize_to(ds(f), ref) for ds, f in zip(self.v_hsp, feats, strict=True)]  # 4 × (B, r, H/4, W/4)
-        y = self.h_hsp(torch.cat(pyramid, dim=1))  # (B, r, H/4, W/4)
-        logits = self.head(y)  # (B, K, H/4, W/4)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        pyramid = [resize_to(ds(f), ref) for ds, f in zip(self.v_hsp, feats, strict=True)]  # 4 × (B, w_i, H'/4, W'/4)
+        y = self.h_hsp(torch.cat(pyramid, dim=1))  # (B, r, H'/4, W'/4)
+        logits = self.head(y)  # (B, K, H'/4, W'/4)
+        logits = F.interpolate(logits, size=xp.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]  # (B, K, H, W)
 
     def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        return self.encoder(x)[-1]  # (B, 8·base·e, H/32, W/32)
+        return self.encoder(self._pad(x))[-1]  # (B, 8·base·e, H'/32, W'/32)

@@ -43,24 +43,61 @@ class InceptionSEBlock(nn.Module):
     (B, C_in, H, W) → (B, C_out, H, W).
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, act: str = "relu") -> None:
         super().__init__()
         b = max(out_channels // 2, 1)
         self.branches = nn.ModuleList(
             [
-                ConvBNAct(in_channels, b, 1),
-                ConvBNAct(in_channels, b, 3),
-                ConvBNAct(in_channels, b, 3, dilation=2),  # 5×5 receptive field, 9 weights
+                ConvBNAct(in_channels, b, 1, act=act),
+                ConvBNAct(in_channels, b, 3, act=act),
+                ConvBNAct(in_channels, b, 3, dilation=2, act=act),  # 5×5 receptive field, 9 weights
             ]
         )
         self.fuse = ConvBNAct(3 * b, out_channels, 1, act=None)
         self.se = SEBlock(out_channels)
         self.skip = ConvBNAct(in_channels, out_channels, 1, act=None)
-        self.act = make_act("relu")
+        self.act = make_act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fuse(torch.cat([br(x) for br in self.branches], dim=1))  # (B, C_out, H, W)
         return self.act(self.se(y) + self.skip(x))
+
+
+class SeparableConvBN(nn.Sequential):
+    """Depthwise 3×3 conv → pointwise 1×1 conv → BatchNorm (Xception's separable conv).
+    (B, C_in, H, W) → (B, C_out, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+
+
+class XceptionDown(nn.Module):
+    """Xception entry-flow block (Chollet 2017): act → separable conv → act → separable conv →
+    3×3 max-pool stride 2, plus a strided 1×1 conv + BN shortcut.
+    (B, C_in, H, W) → (B, C_out, H/2, W/2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, act: str = "relu") -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            make_act(act), SeparableConvBN(in_channels, out_channels),
+            make_act(act), SeparableConvBN(out_channels, out_channels),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=2, bias=False),
+                                      nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+#: ``encoder`` choices of the multi-head U-Net
+ENCODERS = ("unet", "xception")
+#: ``postprocess`` choices (``ml_worker.instances.MULTIHEAD_METHODS``)
+POSTPROCESS = ("watershed", "random_walker")
 
 
 @register("multihead_unet")
@@ -76,18 +113,34 @@ class MultiHeadUNet(KaryoModel):
         width: int = 32,
         depth: int = 4,
         target_radius: int = 2,
+        encoder: str = "unet",
+        act: str = "relu",
+        postprocess: str = "watershed",
     ) -> None:
         super().__init__(in_channels, num_classes)
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}; choose from {', '.join(ENCODERS)}")
+        if postprocess not in POSTPROCESS:
+            raise ValueError(f"unknown postprocess {postprocess!r}; choose from {', '.join(POSTPROCESS)}")
         self.out_channels = len(HEADS)
         self.depth = depth
         self.size_divisor = 2**depth
         self.target_radius = target_radius
+        self.encoder_kind = encoder
+        self.postprocess = postprocess
         ch = [width * 2**i for i in range(depth + 1)]
-        self.inc = DoubleConv(in_channels, ch[0])
-        self.pool = nn.MaxPool2d(2)
-        self.down = nn.ModuleList([DoubleConv(ch[i], ch[i + 1]) for i in range(depth)])
+        if encoder == "xception":
+            # Entry: a plain 3×3 conv then a separable conv at full resolution (the skip of level 0).
+            self.inc = nn.Sequential(ConvBNAct(in_channels, ch[0], 3, act=act), SeparableConvBN(ch[0], ch[0]),
+                                     make_act(act))
+            self.pool = nn.Identity()  # the Xception blocks stride themselves
+            self.down = nn.ModuleList([XceptionDown(ch[i], ch[i + 1], act=act) for i in range(depth)])
+        else:
+            self.inc = DoubleConv(in_channels, ch[0], act=act)
+            self.pool = nn.MaxPool2d(2)
+            self.down = nn.ModuleList([DoubleConv(ch[i], ch[i + 1], act=act) for i in range(depth)])
         self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(depth)])
-        self.dec = nn.ModuleList([InceptionSEBlock(2 * ch[i], ch[i]) for i in range(depth)])
+        self.dec = nn.ModuleList([InceptionSEBlock(2 * ch[i], ch[i], act=act) for i in range(depth)])
         self.head = nn.Conv2d(ch[0], self.out_channels, 1)
         self.embed_dim = ch[-1]
 
@@ -127,4 +180,5 @@ class MultiHeadUNet(KaryoModel):
         if probs.ndim != 3 or probs.shape[0] != 3:
             raise ValueError(f"expected probs of shape (3, H, W), got {probs.shape}")
         nucleus, borderless, borders = (probs[i].astype(np.float32) for i in range(3))
-        return np.asarray(multihead_to_instances(nucleus, borderless, borders), dtype=np.int32)
+        return np.asarray(multihead_to_instances(nucleus, borderless, borders, method=self.postprocess),
+                          dtype=np.int32)

@@ -54,6 +54,7 @@ class PGUNetPlus(KaryoModel):
         num_stages: int = 4,
         core_depth: int = 1,
         base_size: int = 32,
+        pyramid_input: bool = True,
     ) -> None:
         super().__init__(in_channels, num_classes)
         if num_stages < 1 or core_depth < 1:
@@ -61,6 +62,7 @@ class PGUNetPlus(KaryoModel):
         self.num_stages = num_stages
         self.core_depth = core_depth
         self.base_size = base_size
+        self.pyramid_input = bool(pyramid_input)
         self.num_levels = num_stages - 1 + core_depth  # L
         L = self.num_levels
         ch = [width * 2**i for i in range(L + 1)]  # ch[L] = bottleneck
@@ -91,6 +93,12 @@ class PGUNetPlus(KaryoModel):
         self._check_stage(stage)
         self.stage = stage
         self.size_divisor = 2 ** (self.num_levels - self.first_level(stage))
+        if not self.pyramid_input:
+            # Without the pyramid only the outermost active level reads the image; the
+            # from-RGB layers of inner levels served earlier stages and are frozen (no gradient).
+            a = self.first_level(stage)
+            for lvl, conv in enumerate(self.from_rgb):
+                conv.requires_grad_(lvl == a)
 
     def stage_input_size(self, stage: int) -> int:
         """Training tile size of ``stage``: 32, 64, 128, 256 by default."""
@@ -139,11 +147,13 @@ class PGUNetPlus(KaryoModel):
         img = x
         feats: list[torch.Tensor] = []
         for lvl in range(a, self.num_levels):
-            if lvl > a:
-                img = F.avg_pool2d(img, 2)  # image pyramid: (B, C_in, H/2^(l-a), W/2^(l-a))
-            h = self.from_rgb[lvl](img)  # (B, w·2^(l-1), ·, ·)
-            if feats:
-                h = h + F.max_pool2d(feats[-1], 2)  # features of the finer level
+            if lvl == a:
+                h = self.from_rgb[lvl](img)  # (B, w·2^(l-1), H, W): the stage's input level
+            else:
+                h = F.max_pool2d(feats[-1], 2)  # features of the finer level (U-Net path)
+                if self.pyramid_input:
+                    img = F.avg_pool2d(img, 2)  # image pyramid: (B, C_in, H/2^(l-a), W/2^(l-a))
+                    h = h + self.from_rgb[lvl](img)
             feats.append(self.enc[lvl](h))  # (B, w·2^l, ·, ·)
         bottom = self.bottleneck_block(F.max_pool2d(feats[-1], 2))  # (B, w·2^L, ·, ·)
         return feats, bottom

@@ -61,6 +61,7 @@ class UNetSharp(KaryoModel):
         decoder_channels: int = 128,
         aspp_channels: int = 256,
         act: str = "mish",
+        encoder_act: str | None = None,
         encoder_weights: str | PathLike[str] | None = None,
     ) -> None:
         super().__init__(in_channels, num_classes)
@@ -71,7 +72,7 @@ class UNetSharp(KaryoModel):
             in_channels=in_channels,
             base_channels=base_channels,
             layers=layers,
-            act=act,
+            act=encoder_act or act,
             weights=encoder_weights,
         )
         # Full-resolution stem: the ResNeXt's first output is already at stride 2.

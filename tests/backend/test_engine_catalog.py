@@ -153,9 +153,9 @@ def test_training_defaults_are_stored_converted_and_checked_against_the_architec
                                         "default_architecture": "unet"}, format="json")
     assert response.status_code == 200, response.content
     assert response.json()["training_defaults"] == {"epochs": 3, "width": 8, "loss": None, "tile_size": 48}
-    # HSP-Net needs tiles in multiples of 32: switching the architecture alone is refused
-    error = error_of(api("admin").patch(url, {"default_architecture": "hspnet"}, format="json"))
-    assert "tile_size must be a multiple of 32 for hspnet" in error["message"]
+    # U-Net# needs tiles in multiples of 32: switching the architecture alone is refused
+    error = error_of(api("admin").patch(url, {"default_architecture": "unet_sharp"}, format="json"))
+    assert "tile_size must be a multiple of 32 for unet_sharp" in error["message"]
     error = error_of(api("admin").post(f"/api/projects/{project.pk}/training-runs/",
                                        {"architecture": "multihead_unet", "config": {"loss": "border_ce"}}, format="json"))
     assert "loss 'border_ce' does not fit multihead_unet" in error["message"]

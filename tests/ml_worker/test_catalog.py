@@ -172,8 +172,8 @@ def test_the_catalog_refuses_bad_training_options_naming_the_field_and_the_bound
 
 
 def test_options_that_depend_on_the_architecture_are_checked_against_it():
-    with pytest.raises(CatalogError, match="tile_size must be a multiple of 32 for hspnet") as info:
-        catalog.validate_training_options({"tile_size": 48}, architecture="hspnet")
+    with pytest.raises(CatalogError, match="tile_size must be a multiple of 32 for unet_sharp") as info:
+        catalog.validate_training_options({"tile_size": 48}, architecture="unet_sharp")
     assert info.value.valid == {"multiple_of": 32}
     assert catalog.validate_training_options({"tile_size": 48}, architecture="dssnet") == {"tile_size": 48}
     with pytest.raises(CatalogError, match="loss 'border_ce' does not fit multihead_unet"):
