@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -51,6 +52,15 @@ def small_parts(settings):
 
 
 @pytest.fixture
+def local_storage(settings, tmp_path):
+    """The embedded default's local disk, also in services mode (for the local-parts protocol)."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(tmp_path / "local")}},
+    }
+
+
+@pytest.fixture
 def slide_project(team):
     project = team["project"]
     project.tile_size, project.working_mpp, project.min_tissue_fraction = 256, 0.5, 0.05
@@ -66,18 +76,33 @@ def put_part(client, upload_id: str, n: int, data: bytes):
     return client.generic("PUT", f"/api/uploads/{upload_id}/chunks/{n}/", data, content_type="application/octet-stream")
 
 
+def put_s3_part(url: str, data: bytes) -> str:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, method="PUT", headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.headers["ETag"]
+
+
 def upload_bytes(client, project, name: str, data: bytes, *, complete: bool = True):
-    """The browser's protocol: start, every part, complete -> the complete response (or the start one)."""
+    """The browser's protocol in either mode (local parts to Karyo, or S3 parts to presigned URLs):
+    start, every part, complete -> the complete response (or the start one)."""
     response = start(client, project, name, len(data))
     if response.status_code != 201:
         return response
     body = response.json()
-    for n in range(-(-len(data) // body["chunk_size"])):
-        part = data[n * body["chunk_size"] : (n + 1) * body["chunk_size"]]
-        assert put_part(client, body["id"], n, part).status_code == 204
+    count = -(-len(data) // body["chunk_size"])
+    parts = [data[n * body["chunk_size"] : (n + 1) * body["chunk_size"]] for n in range(count)]
+    etags = []
+    if body["mode"] == "s3":
+        urls = client.post(f"/api/uploads/{body['id']}/parts/", {"parts": list(range(count))}, format="json").json()
+        etags = [{"n": n, "etag": put_s3_part(urls["urls"][str(n)], part)} for n, part in enumerate(parts)]
+    else:
+        for n, part in enumerate(parts):
+            assert put_part(client, body["id"], n, part).status_code == 204
     if not complete:
         return response
-    return client.post(f"/api/uploads/{body['id']}/complete/", {}, format="json")
+    return client.post(f"/api/uploads/{body['id']}/complete/", {"parts": etags} if etags else {}, format="json")
 
 
 def stored_names() -> list[str]:
@@ -113,7 +138,7 @@ def ingested(slide_project, api, slide_path):
 
 # --- upload and ingest ----------------------------------------------------------------------------
 
-def test_an_interrupted_chunked_upload_resumes_and_ingests_tissue_tiles_only(slide_project, api, slide_path):
+def test_an_interrupted_chunked_upload_resumes_and_ingests_tissue_tiles_only(local_storage, slide_project, api, slide_path):
     data = slide_path.read_bytes()
     client = api("admin")
     body = start(client, slide_project, "generated.svs", len(data)).json()
@@ -161,13 +186,14 @@ def test_an_interrupted_chunked_upload_resumes_and_ingests_tissue_tiles_only(sli
 
 
 def test_the_tile_endpoint_reads_the_tile_from_the_pyramid(ingested, api):
+    from backend.images.pixels import local_path
     from ml_worker.slides import open_slide
 
     tile = Tile.objects.filter(image=ingested).order_by("id")[0]
     response = api("viewer").get(f"/api/tiles/{tile.pk}/image.png")
     assert response.status_code == 200
     served = np.asarray(PILImage.open(io.BytesIO(response.content)).convert("RGB"))
-    with open_slide(default_storage.path(ingested.file.name)) as reader:
+    with open_slide(local_path(ingested.file.name)) as reader:
         expected = reader.read_region(tile.x, tile.y, tile.w, tile.h, level=0)
     assert np.array_equal(served, expected)
 
@@ -343,14 +369,14 @@ def test_the_same_slide_twice_is_a_clear_409_and_the_second_copy_is_dropped(inge
     assert not Upload.objects.filter(state="receiving").exists()
 
 
-def test_only_project_admins_upload(slide_project, api):
+def test_only_project_admins_upload(local_storage, slide_project, api):
     assert start(api("annotator"), slide_project, "a.svs", 10).status_code == 403
     assert start(api("outsider"), slide_project, "a.svs", 10).status_code == 404
     body = start(api("admin"), slide_project, "a.svs", 10).json()
     assert put_part(api("reviewer"), body["id"], 0, b"0123456789").status_code == 403
 
 
-def test_web_process_memory_does_not_grow_with_the_slide(slide_project, api, tmp_path, settings):
+def test_web_process_memory_does_not_grow_with_the_slide(local_storage, slide_project, api, tmp_path, settings):
     """An 8000 x 8000 slide through the chunked upload: Python's peak allocation in the web
     process stays near one part, not the file or the image."""
     from ml_worker.slides import write_pyramidal_tiff
@@ -382,16 +408,38 @@ def test_web_process_memory_does_not_grow_with_the_slide(slide_project, api, tmp
 
 # --- a real worker: ingest in the background with progress events, prediction in chunks ----------------
 
-async def _drain(layer, channel: str, seconds: float) -> list[dict]:
-    events, loop = [], asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while loop.time() < deadline:
-        try:
-            message = await asyncio.wait_for(layer.receive(channel), timeout=0.5)
-        except asyncio.TimeoutError:
-            continue
-        events.append(message["event"])
-    return events
+class ProjectEvents(threading.Thread):
+    """Everything published to a project's group, collected by one event loop in a thread (the
+    Redis channel layer binds its queues to the loop that first used them)."""
+
+    def __init__(self, project_id: int):
+        super().__init__(daemon=True)
+        self.group, self.events = f"project.{project_id}", []
+        self.ready, self._halt = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        from channels.layers import get_channel_layer
+
+        async def listen() -> None:
+            layer = get_channel_layer()
+            channel = await layer.new_channel()
+            await layer.group_add(self.group, channel)
+            self.ready.set()
+            while not self._halt.is_set():
+                try:
+                    message = await asyncio.wait_for(layer.receive(channel), timeout=0.5)
+                except asyncio.TimeoutError:
+                    continue
+                self.events.append(message["event"])
+
+        asyncio.run(listen())
+
+    def of(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e["kind"] == kind]
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -400,9 +448,6 @@ def test_a_worker_ingests_a_slide_with_progress_events_and_predicts_it_in_chunks
     make_user, start_worker, slide_path, tmp_path
 ):
     import time
-
-    from asgiref.sync import async_to_sync
-    from channels.layers import get_channel_layer
 
     from backend.ml.models import ModelVersion, Prediction
     from backend.projects.models import Membership, Role
@@ -413,10 +458,10 @@ def test_a_worker_ingests_a_slide_with_progress_events_and_predicts_it_in_chunks
     admin = make_user("slides-admin")
     project = create_project(name="Slides", created_by=admin, tile_size=256)
     Membership.objects.update_or_create(user=admin, project=project, defaults={"role": Role.ADMIN})
-    layer = get_channel_layer()
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(f"project.{project.pk}", channel)
-    start_worker(env={"KARYO_PREDICT_CHUNK_TILES": "16"})
+    listener = ProjectEvents(project.pk)
+    listener.start()
+    assert listener.ready.wait(30)
+    start_worker(env={"KARYO_PREDICT_CHUNK_TILES": "8"})
     client = client_for(admin)
 
     response = upload_bytes(client, project, "generated.svs", slide_path.read_bytes())
@@ -427,7 +472,8 @@ def test_a_worker_ingests_a_slide_with_progress_events_and_predicts_it_in_chunks
         time.sleep(0.3)
     image = Image.objects.get(pk=image_id)
     assert image.state == "ready", image.state_reason
-    events = [e for e in async_to_sync(_drain)(layer, channel, 2.0) if e["kind"] == "image.ingest"]
+    time.sleep(1.0)  # the last event may still be on its way
+    events = listener.of("image.ingest")
     assert events and events[-1]["state"] == "ready" and events[-1]["tiles_kept"] == image.tiles_kept
     assert [e["progress"] for e in events] == sorted(e["progress"] for e in events)
 
@@ -439,13 +485,17 @@ def test_a_worker_ingests_a_slide_with_progress_events_and_predicts_it_in_chunks
                                           status="active", init_kwargs=dict(model.init_kwargs))
     from backend.ml.tasks import predict
 
-    predict.delay(project.pk, version.pk, None, False)
-    total = Tile.objects.filter(image=image).count()
-    deadline = time.monotonic() + 240
+    # 24 tiles of the slide in chunks of 8: a chord of three chunk tasks (kept small: the CPU is shared).
+    chosen = list(Tile.objects.filter(image=image).order_by("y", "x").values_list("pk", flat=True)[:24])
+    predict.delay(project.pk, version.pk, chosen, False)
+    total = len(chosen)
+    deadline = time.monotonic() + 400
     while Prediction.objects.filter(model_version=version).count() < total and time.monotonic() < deadline:
         time.sleep(0.5)
     assert Prediction.objects.filter(model_version=version).count() == total
-    slide_events = [e for e in async_to_sync(_drain)(layer, channel, 2.0) if e["kind"] == "slide.predict"]
+    time.sleep(1.0)
+    listener.stop()
+    slide_events = listener.of("slide.predict")
     assert slide_events and max(e["done"] for e in slide_events) == total
     body = client.get(f"/api/images/{image_id}/nuclei/", {"x": 0, "y": 0, "w": SLIDE_W, "h": SLIDE_H}).json()
     assert body["source"] in ("prediction", None)
@@ -456,7 +506,6 @@ def test_a_worker_ingests_a_slide_with_progress_events_and_predicts_it_in_chunks
 def test_with_s3_storage_parts_go_to_presigned_urls_and_the_slide_ingests_from_the_bucket(
     slide_project, api, slide_path, s3_storage
 ):
-    import urllib.request
     data = slide_path.read_bytes()  # one part (the last part of an upload may be shorter than 5 MiB)
     client = api("admin")
     body = start(client, slide_project, "generated.svs", len(data)).json()
@@ -465,10 +514,7 @@ def test_with_s3_storage_parts_go_to_presigned_urls_and_the_slide_ingests_from_t
     urls = client.post(f"/api/uploads/{body['id']}/parts/", {"parts": list(range(count))}, format="json").json()["urls"]
     etags = []
     for n in range(count):
-        request = urllib.request.Request(urls[str(n)], data=data[n * body["chunk_size"] : (n + 1) * body["chunk_size"]],
-                                         method="PUT", headers={"Content-Type": "application/octet-stream"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            etags.append({"n": n, "etag": response.headers["ETag"]})
+        etags.append({"n": n, "etag": put_s3_part(urls[str(n)], data[n * body["chunk_size"] : (n + 1) * body["chunk_size"]])})
     assert client.get(f"/api/uploads/{body['id']}/").json()["received"] == list(range(count))
     done = client.post(f"/api/uploads/{body['id']}/complete/", {"parts": etags}, format="json")
     assert done.status_code == 201, done.content
