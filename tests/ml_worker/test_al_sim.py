@@ -127,3 +127,57 @@ def test_al_sim_rejects_unknown_strategy(tmp_path, capsys):
     assert "known strategies" in capsys.readouterr().err
     with pytest.raises(ValueError):
         SimConfig(data="x", rounds=0).validate()
+
+
+# ---------------------------------------------------------------------------------- issue 16 study
+
+def _fake_results(own_aji, rnd_aji, x=(4, 8, 12, 16), full_aji=0.5):
+    def runs(curves):
+        return [{"labelled": list(x), "nuclei_labelled": list(x), "dice": c, "aji": c, "pq": c,
+                 "effort": [{"added_or_redrawn_share": 0.5, "deleted_share": 0.1, "added_share": 0.2,
+                             "redrawn_share": 0.3, "n_true": 10, "n_pred": 10}] * (len(x) - 1)} for c in curves]
+
+    return {"full_data": [{"dice": full_aji, "aji": full_aji}] * len(own_aji),
+            "runs": {"adaptive": runs(own_aji), "random": runs(rnd_aji)}}
+
+
+def test_labels_to_reach_interpolates_and_says_when_never():
+    from ml_worker.al_sim_report import labels_to_reach
+
+    assert labels_to_reach([4, 8, 12], [0.2, 0.4, 0.6], 0.5) == pytest.approx(10.0)
+    assert labels_to_reach([4, 8, 12], [0.6, 0.7, 0.8], 0.5) == 4.0
+    assert labels_to_reach([4, 8, 12], [0.2, 0.3, 0.4], 0.5) is None
+
+
+def test_the_summary_pairs_each_strategy_with_random_by_seed():
+    rng = np.random.default_rng(0)
+    # five seeds: the strategy reaches 0.45+ (90 % of 0.5) at 8 tiles, random only at 16
+    own = [[0.3, 0.47, 0.49, 0.5 + 0.01 * rng.random()] for _ in range(5)]
+    rnd = [[0.3, 0.35, 0.40, 0.46 + 0.01 * rng.random()] for _ in range(5)]
+    s = summarize(_fake_results(own, rnd))["strategies"]
+    vs = s["adaptive"]["aji_targets_vs_random"]["0.90"]
+    own_l, rnd_l = s["adaptive"]["aji_labels_to"]["0.90"], s["random"]["aji_labels_to"]["0.90"]
+    assert vs["ratio"] == pytest.approx(np.mean(own_l) / np.mean(rnd_l)) and np.mean(own_l) < 9
+    assert vs["ratio_ci"][1] < 1.0 and vs["diff_ci"][1] < 0  # fewer labels, interval excluding parity
+    assert s["adaptive"]["below_random_at"] == []
+    assert len(s["adaptive"]["pq_ci"]) == 4 and s["adaptive"]["aji_ci"][0] == pytest.approx(0.0)
+    # the other way round: below random beyond the seed spread, and never reaching 95 % -> censored
+    s2 = summarize(_fake_results(rnd, own))["strategies"]
+    assert s2["adaptive"]["below_random_at"] == [8, 12, 16]
+    assert s2["adaptive"]["aji_targets_vs_random"]["0.95"]["censored_own"] == 5
+
+
+def test_a_study_with_a_cold_start_and_a_pretrained_encoder_runs_on_a_generated_pap_set(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["--data", "synth:pap:3:256", "--budget", "quick", "--strategy", "adaptive+ssl,random", "--rounds", "1",
+               "--seeds", "1", "--held-out", "1", "--epoch-patches", "4", "--init-epochs", "1", "--width", "4",
+               "--pool-limit", "8", "--ssl-steps", "2", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "al_sim.json").read_text())
+    assert res["config"]["tile"] == 128 and res["dataset"]["pool_tiles"] == 8
+    assert res["ssl"] and res["ssl"][0]["steps"] == 2
+    cold, rnd = res["runs"]["adaptive+ssl"][0], res["runs"]["random"][0]
+    assert len(cold["init"]) == len(rnd["init"]) == 2 and len(cold["pq"]) == 2
+    printed = capsys.readouterr().out
+    assert "PQ on held-out images" in printed and "target 90 %" in printed
+    assert main(["--data", "synth:nope", "--strategy", "random", "--out", str(out)]) == 2
