@@ -2,7 +2,7 @@ import { describe, it } from "node:test";
 import { expect } from "./expect.js";
 import { errorFrom, cookie } from "../src/lib/api.js";
 import { backoffDelay } from "../src/lib/socket.js";
-import { duration, metric, parseTrainingForm, percent, relativeTime, roleAtLeast, statusLabel, versionMetrics, withArticle, runProgress, runEtaSeconds } from "../src/lib/format.js";
+import { duration, metric, parseTrainingForm, percent, relativeTime, roleAtLeast, statusLabel, typedMetrics, versionMetrics, withArticle, runProgress, runEtaSeconds } from "../src/lib/format.js";
 
 describe("roles", () => {
   it("orders viewer < annotator < reviewer < admin", () => {
@@ -46,6 +46,11 @@ describe("formatting", () => {
   });
   it("reads the validation metrics of a version", () => {
     expect(versionMetrics({ metrics: { dice: 0.8, aji: 0.6, pq: 0.5 } })).toEqual({ dice: 0.8, aji: 0.6, pq: 0.5, f1: null });
+  });
+  it("reads a typed model's class metrics, and none for a binary one", () => {
+    expect(typedMetrics({ metrics: { dice: 0.8, mpq: 0.4, bpq: 0.6, per_class_pq: { lymphocyte: 0.5, stromal: null } } }))
+      .toEqual({ mpq: 0.4, bpq: 0.6, perClass: { lymphocyte: 0.5, stromal: null } });
+    expect(typedMetrics({ metrics: { dice: 0.8, aji: 0.6 } })).toBe(null);
   });
 });
 

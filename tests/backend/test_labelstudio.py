@@ -420,6 +420,32 @@ def test_label_studio_uses_karyo_as_its_ml_backend(configured, monkeypatch):
     assert client_for(data["pathologist"]).get(f"/api/projects/{project.pk}/labelstudio/").json()["errors"] == []
 
 
+def test_a_typed_prediction_goes_out_with_each_nucleus_class_and_its_confidence(configured):
+    data = make_project("Typed", sizes=[128], nuclei=[6], uncertainty=[0.5])
+    project, (tile,) = data["project"], data["tiles"]
+    project.nucleus_classes = [{"id": 4, "name": "epithelial", "color": "#e6194b"},
+                               {"id": 9, "name": "lymphocyte", "color": "#3cb44b"}]
+    project.save(update_fields=["nucleus_classes"])
+    # What a typed model stores (ml.workflows.nucleus_classes): instance id -> [class id, confidence].
+    typed = {str(i): [4 if i % 2 else 9, round(0.5 + i / 20, 4)] for i in range(1, 7)}
+    Prediction.objects.filter(tile=tile).update(classes=typed)
+
+    report = services.sync_project(project=project)
+    assert report.ok, report.error
+    link = LabelStudioLink.objects.get(project=project)
+    (prediction,) = LabelStudioClient().list_predictions(task_id=ls_task(link, tile))
+    names = {4: "epithelial", 9: "lymphocyte"}
+    assert len(prediction.result) == 6
+    for region in prediction.result:
+        label = str(geometry.label_from_region_id(region["id"]))
+        assert region["value"]["polygonlabels"] == [names[typed[label][0]]]
+        assert region["score"] == pytest.approx(typed[label][1])
+    # Read back (a pathologist accepting it unchanged): the classes come home with the nuclei.
+    back = services.conversions.annotation_to_instances(prediction.result, height=tile.h, width=tile.w,
+                                                        nucleus_classes=project.nucleus_classes)
+    assert back.classes == {k: v[0] for k, v in typed.items()}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def report_timings():
     yield

@@ -106,6 +106,14 @@ export function versionMetrics(version) {
   return { dice: m.dice ?? null, aji: m.aji ?? null, pq: m.pq ?? m.panoptic_quality ?? null, f1: m.object_f1 ?? m.f1 ?? null };
 }
 
+// A typed model's class metrics (PanNuke multi-class and binary PQ, PQ per class name); null for a
+// binary model. A class absent from the validation tiles has no PQ (null).
+export function typedMetrics(version) {
+  const m = version?.metrics || {};
+  if (!("mpq" in m) && !m.per_class_pq) return null;
+  return { mpq: m.mpq ?? null, bpq: m.bpq ?? null, perClass: m.per_class_pq || {} };
+}
+
 // A training run's bar and counter. Step events reach progress 1.0 at the last step of the last
 // epoch, before that epoch is validated (and the model gated): a live run never shows 100 %, and
 // the counter names the epoch in progress, not the last one finished.

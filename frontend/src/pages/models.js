@@ -1,7 +1,7 @@
 // Model registry: every version with its validation metrics; admins promote or roll back.
 import { api, listAll } from "../lib/api.js";
 import { h, replace } from "../lib/dom.js";
-import { metric, relativeTime, roleAtLeast, statusLabel, versionMetrics } from "../lib/format.js";
+import { metric, relativeTime, roleAtLeast, statusLabel, typedMetrics, versionMetrics } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, projectUrl, spinner, toast } from "../lib/layout.js";
 import { versionChart } from "./dashboard.js";
 
@@ -55,12 +55,13 @@ export async function render(main, { config, socket }) {
     replace(body,
       card("Validation Dice and AJI per version", versionChart(versions)),
       card("Registry", h("table", { class: "table", "data-testid": "versions-table" },
-        h("thead", {}, h("tr", {}, ["Version", "Status", "Architecture", "Dice", "AJI", "PQ", "Object F1", "Run", "Created", "Why", ""].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ["Version", "Status", "Architecture", "Dice", "AJI", "PQ", "Object F1", "mPQ / bPQ", "Run", "Created", "Why", ""].map((t) => h("th", {}, t)))),
         h("tbody", {}, versions.map((v) => {
           const m = versionMetrics(v);
           return h("tr", { "data-testid": "version-row", "data-status": v.status, class: v.status === "active" ? "active" : null },
             h("td", {}, h("strong", {}, `v${v.version}`)), h("td", {}, badge(v.status, statusLabel(v.status))), h("td", {}, v.architecture),
             h("td", {}, metric(m.dice)), h("td", {}, metric(m.aji)), h("td", {}, metric(m.pq)), h("td", {}, metric(m.f1)),
+            typedCell(typedMetrics(v)),
             h("td", {}, v.training_run ? `#${v.training_run}` : "—"), h("td", {}, relativeTime(v.created_at)),
             h("td", { class: "small muted why" }, v.status_reason || ""),
             h("td", {}, isAdmin && v.status !== "active"
@@ -72,4 +73,12 @@ export async function render(main, { config, socket }) {
   socket?.subscribe((event) => {
     if (event.kind === "model.promoted" || event.kind === "run.succeeded") load();
   });
+}
+
+// mPQ / bPQ of a typed model, the PQ of each class beneath ("—" for a binary model).
+function typedCell(typed) {
+  if (!typed) return h("td", { class: "muted" }, "—");
+  const perClass = Object.entries(typed.perClass).map(([name, pq]) => `${name} ${metric(pq)}`).join(" · ");
+  return h("td", { "data-testid": "typed-metrics" }, `${metric(typed.mpq)} / ${metric(typed.bpq)}`,
+    perClass ? h("div", { class: "small muted" }, perClass) : null);
 }
