@@ -10,6 +10,7 @@ the other pages: no model is trained here.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -231,8 +232,10 @@ def test_an_interrupted_upload_resumes_after_a_reload_sending_only_the_missing_c
         time.sleep(0.2)
     assert uploads.received_parts(upload) == [0, 1]
 
-    s.page.unroute(cut)
+    # The page asks "leave the page?" while an upload runs (Chromium only after a real user gesture).
+    s.page.on("dialog", lambda dialog: dialog.accept())
     s.page.reload()
+    s.page.unroute(cut)  # after the reload: the old page's retries must not get through
     s.page.wait_for_selector("[data-testid=interrupted]")
     s.page.wait_for_selector("[data-testid=interrupted] >> text=uploaded)")
     expected = f"{path.name} ({human_bytes(2 * upload.chunk_size)} of {human_bytes(path.stat().st_size)} uploaded)"
@@ -377,3 +380,43 @@ def test_the_overlay_draws_a_view_of_a_100000_nucleus_slide_within_a_frame_budge
     # first version, one path for every outline, took ~1,400 ms for the densest view here.
     assert max(view["median_ms"] for view in result["views"]) < 150, result
     assert result["moving_frame_median_ms"] < 30, result
+
+
+@pytest.mark.skipif(not os.environ.get("KARYO_BENCH_SLIDE_UPLOAD"), reason="opt-in benchmark: KARYO_BENCH_SLIDE_UPLOAD=<side px>")
+def test_benchmark_a_big_slide_through_the_upload_page(slide_project, open_session, start_worker, tmp_path):
+    """Opt-in: ``KARYO_BENCH_SLIDE_UPLOAD=10000 KARYO_UPLOAD_CHUNK_BYTES=8388608 KARYO_MAX_IMAGE_PIXELS=...``
+    uploads a generated slide of that side through the page and prints upload and ingest times."""
+    side = int(os.environ["KARYO_BENCH_SLIDE_UPLOAD"])
+    project = slide_project["project"]
+    path = tmp_path / f"bench-{side}.svs"
+    started = time.perf_counter()
+    write_pyramidal_tiff(path, width=side, height=side, mpp=0.5, tile=256, seed=3, tissue_fraction=0.3, n_textures=2)
+    written = time.perf_counter() - started
+    worker = start_worker(queues="cpu")
+    s = open_session("admin", PASSWORD)
+    s.goto(f"/projects/{project.pk}/upload/")
+    s.page.wait_for_selector("[data-testid=drop-zone]")
+    started = time.perf_counter()
+    s.page.set_input_files("[data-testid=file-input]", str(path))
+    s.page.wait_for_function(
+        "document.querySelector('[data-testid=upload-row] [role=progressbar]')?.getAttribute('aria-valuenow') === '100'",
+        timeout=1_800_000)
+    uploaded = time.perf_counter() - started
+    s.page.wait_for_selector("[data-testid=upload-row][data-state=ready], [data-testid=upload-row][data-state=failed]",
+                             timeout=1_800_000)
+    ingested = time.perf_counter() - started
+    image = Image.objects.get(project=project)
+    assert image.state == ImageState.READY, (image.state_reason, worker.output()[-3000:])
+    started = time.perf_counter()
+    with s.page.expect_navigation():
+        s.page.click("[data-testid=open-viewer]")
+    s.page.wait_for_function("window.karyoViewer && window.karyoViewer.world.getItemCount() === 1"
+                             " && window.karyoViewer.world.getItemAt(0).getFullyLoaded()", timeout=120_000)
+    viewer_s = time.perf_counter() - started
+    s.shot(f"15c-slide-viewer-{side}", full_page=False)
+    size = path.stat().st_size
+    figures = {"side_px": side, "bytes": size, "write_s": round(written, 1), "upload_s": round(uploaded, 1),
+               "upload_mb_per_s": round(size / 1e6 / uploaded, 1), "upload_to_ready_s": round(ingested, 1),
+               "tiles_kept": image.tiles_kept, "tiles_grid": image.tiles_grid, "viewer_open_to_sharp_s": round(viewer_s, 1)}
+    record_timings(f"slide_upload_benchmark_{side}", figures)
+    print(figures)

@@ -140,10 +140,22 @@ function uploadPanel(project, socket, onIngested) {
     fileInput, folderInput);
 
   const queue = [];
+  const active = new Set(); // resume keys queued or uploading: the same file dropped twice goes up once
   let busy = false;
+  // Leaving mid-upload loses nothing (it resumes), but the upload stops: ask first.
+  window.addEventListener("beforeunload", (event) => {
+    if (!busy) return;
+    event.preventDefault();
+    event.returnValue = "";
+  });
 
   function add(files) {
-    const { accepted, skipped } = classifyFiles(files);
+    const { accepted: all, skipped } = classifyFiles(files);
+    const accepted = all.filter((file) => {
+      const key = resumeKey(project.id, file);
+      if (active.has(key)) skipped.push({ file, reason: "already uploading" });
+      return !active.has(key) && active.add(key);
+    });
     replace(notes, skipped.length
       ? h("div", { class: "muted small", "data-testid": "skipped" }, `Skipped ${plural(skipped.length, "file")}: `,
         skipped.slice(0, 6).map((s) => `${s.file.relativePath || s.file.name} (${s.reason})`).join("; "), skipped.length > 6 ? " …" : "")
@@ -160,7 +172,11 @@ function uploadPanel(project, socket, onIngested) {
     if (busy) return;
     busy = true;
     // One file at a time (each with a few parallel chunks): the first slide is ready soonest.
-    while (queue.length) await queue.shift().run();
+    while (queue.length) {
+      const row = queue.shift();
+      await row.run();
+      active.delete(resumeKey(project.id, row.file));
+    }
     busy = false;
     showInterrupted();
   }
@@ -309,5 +325,5 @@ function uploadRow(project, file, socket, onIngested) {
     onIngested();
   }
 
-  return { el, run };
+  return { el, run, file };
 }

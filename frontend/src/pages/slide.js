@@ -99,7 +99,11 @@ export async function render(main, { config, socket }) {
     },
   }, { status: "Tiles by status", uncertainty: "By uncertainty", off: "No grid" }[mode]));
   const outlineToggle = h("input", { type: "checkbox", checked: true, "data-testid": "outlines-toggle",
-    onchange: (e) => { state.outlines = e.target.checked; redraw(); } });
+    onchange: (e) => {
+      state.outlines = e.target.checked;
+      redraw();
+      scheduleFetch();
+    } });
   const toolbar = h("div", { class: "slide-toolbar" },
     h("div", { class: "tabs" }, modeButtons),
     h("label", { class: "check" }, outlineToggle, " Nuclei outlines"),
