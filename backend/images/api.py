@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+from django.core.cache import cache
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
@@ -103,7 +104,14 @@ class TileImageView(APIView):
     @extend_schema(responses={(200, "image/png"): OpenApiTypes.BINARY})
     def get(self, request, tile_id: int):
         tile = tile_for(request, tile_id)
-        return png_response(tile_png(tile))
+        # A tile's pixels never change (same image bytes, same grid cell, same working resolution):
+        # encode the PNG once and share it between web processes through the cache.
+        key = f"tile-png:{tile.image.sha256}:{tile.x}:{tile.y}:{tile.w}:{tile.h}:{tile.project.working_mpp}"
+        data = cache.get(key)
+        if data is None:
+            data = tile_png(tile)
+            cache.set(key, data, timeout=24 * 3600)
+        return png_response(data)
 
 
 class TileOverlayView(APIView):

@@ -293,7 +293,7 @@ def next_tile(*, project: Project, user) -> QueueEntry | None:
                 .first()
             )
             if own is not None:
-                return own
+                return QueueEntry.objects.select_related("tile", "leased_by").get(pk=own.pk)
             candidates = open_entries.filter(project=project).filter(
                 Q(leased_by__isnull=True) | Q(lease_expires_at__lte=now)
             ).order_by("rank")
@@ -307,8 +307,12 @@ def next_tile(*, project: Project, user) -> QueueEntry | None:
                 Q(leased_by__isnull=True) | Q(lease_expires_at__lte=now)
             ).update(leased_by=user, lease_expires_at=now + timedelta(seconds=settings.KARYO_QUEUE_LEASE_SECONDS))
             if won:
-                entry.refresh_from_db()
-                events.publish(project.pk, "queue.leased", tile=entry.tile_id, user=user.username)
+                # One query for what the response shows (tile, image, who holds it), and the event after
+                # commit: publishing while the write transaction is open would hold SQLite's write lock
+                # (every other lease and submission waits) for the channel layer's own write.
+                entry = QueueEntry.objects.select_related("tile", "leased_by").get(pk=entry.pk)
+                transaction.on_commit(lambda: events.publish(project.pk, "queue.leased", tile=entry.tile_id,
+                                                             user=user.username))
                 return entry
     return None
 
