@@ -206,7 +206,9 @@ def _write(*, project, dataset, author, status, resolve, progress, written, imag
             created_images += 1
             image_files.append(result.image.file.name)
             image_tiles = list(Tile.objects.filter(image=result.image).order_by("y", "x"))
-            written.extend(t.file.name for t in image_tiles)
+            written.extend(t.file.name for t in image_tiles if t.file)  # legacy tiles only: new ones have no file
+            if result.image.thumbnail:
+                written.append(result.image.thumbnail.name)
             tiles += len(image_tiles)
             if labels is not None:
                 for tile in image_tiles:
