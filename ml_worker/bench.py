@@ -124,12 +124,48 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _config_for(arch: str, budget: Budget, out_dir: Path, seed: int, device: str):  # -> TrainConfig
+#: model options that set a model's size; at CPU budgets a paper preset keeps the budget's sizes
+#: and brings only its structure (decoder, activations, encoder kind...) and training recipe
+_SIZE_OPTIONS = frozenset({"width", "base_channels", "depth", "layers", "cardinality", "width_per_group",
+                           "feature_channels", "expand_channels", "num_blocks", "decoder_channels", "sr_channels",
+                           "sr_blocks", "ds_widths", "ds_channels", "head_channels", "num_stages", "core_depth",
+                           "base_size", "stem_channels", "branch_channels", "aspp_channels"})
+#: training options the budget always decides (how long a run is)
+_BUDGET_TRAIN = frozenset({"epochs", "epochs_per_stage", "steps_per_epoch", "early_stopping_patience"})
+#: ... and, at CPU budgets, also the sizes of a step
+_BUDGET_TRAIN_CPU = _BUDGET_TRAIN | {"batch_size", "tile_size", "stage_lr_new", "stage_lr_old"}
+
+
+def row_name(arch: str, preset: str) -> str:
+    """``arch`` for the fast preset (the historical row names), ``arch:paper`` otherwise."""
+    return arch if preset == "fast" else f"{arch}:{preset}"
+
+
+def _preset_parts(arch: str, preset: str, budget: Budget) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model kwargs, TrainConfig overrides) of ``preset`` under ``budget``: the budget's model
+    and schedule for ``fast``; for ``paper`` the preset's recipe, with the paper's model sizes
+    only under the ``full`` budget (a GPU run)."""
+    from ml_worker.presets import PRESETS
+
+    model_kwargs = dict(budget.model_kwargs.get(arch, {}))
+    if preset == "fast" or arch not in PRESETS:
+        return model_kwargs, {}
+    p = PRESETS[arch][preset]
+    full = budget.name == "full"
+    keep = _BUDGET_TRAIN if full else _BUDGET_TRAIN_CPU
+    structure = {k: v for k, v in p["model_kwargs"].items() if full or k not in _SIZE_OPTIONS}
+    train = {k: v for k, v in p["train"].items() if k not in keep}
+    return {**model_kwargs, **structure} if not full else structure, train
+
+
+def _config_for(arch: str, budget: Budget, out_dir: Path, seed: int, device: str,
+                preset: str = "fast"):  # -> TrainConfig
     from ml_worker.training import TrainConfig
 
-    return TrainConfig(
+    model_kwargs, train = _preset_parts(arch, preset, budget)
+    base: dict[str, Any] = dict(
         arch=arch,
-        model_kwargs=dict(budget.model_kwargs.get(arch, {})),
+        model_kwargs=model_kwargs,
         epochs=budget.epochs,
         batch_size=budget.batch_size,
         lr=budget.lr,
@@ -143,8 +179,9 @@ def _config_for(arch: str, budget: Budget, out_dir: Path, seed: int, device: str
         epochs_per_stage=budget.epochs_per_stage if arch == "pgunet_plus" else None,
         stage_lr_new=budget.stage_lr_new,
         stage_lr_old=budget.stage_lr_old,
-        out_dir=str(out_dir / "runs" / arch),
+        out_dir=str(out_dir / "runs" / row_name(arch, preset).replace(":", "-")),
     )
+    return TrainConfig(**{**base, **train})
 
 
 def _throughput_phase(models: dict[str, torch.nn.Module], budget: Budget) -> dict[str, dict[str, float]]:
@@ -185,8 +222,14 @@ def run_bench(
     threads: int | None = None,
     device: str = "auto",
     show_progress: bool = True,
+    presets: tuple[str, ...] = ("fast",),
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the result dict that is also written to ``bench.json``."""
+    """Run the benchmark; returns the result dict that is also written to ``bench.json``.
+
+    ``presets``: ``fast`` (rows named by architecture) and/or ``paper`` (rows ``arch:paper``,
+    for the architectures that have one; see :func:`_preset_parts` for what a CPU budget keeps
+    of a paper preset)."""
+    from ml_worker.presets import PRESETS, inference_settings
     from tqdm import tqdm
 
     from ml_worker.inference import predict_instances
@@ -213,10 +256,13 @@ def run_bench(
 
         rows: list[dict[str, Any]] = []
         trained_models: dict[str, torch.nn.Module] = {}
-        for arch in archs:
+        runs = [(arch, pr) for pr in presets for arch in archs
+                if pr == "fast" or pr in PRESETS.get(arch, {})]
+        for arch, preset in runs:
+            name = row_name(arch, preset)
             t_arch = time.perf_counter()
-            cfg = _config_for(arch, budget, out, seed, device)
-            bar = tqdm(total=None, desc=f"train {arch}", unit="step", file=sys.stderr, leave=False,
+            cfg = _config_for(arch, budget, out, seed, device, preset)
+            bar = tqdm(total=None, desc=f"train {name}", unit="step", file=sys.stderr, leave=False,
                        disable=not show_progress, dynamic_ncols=True)
 
             def progress(ev: dict[str, Any], bar: Any = bar) -> None:
@@ -233,17 +279,23 @@ def run_bench(
 
             model, normalizer, _ = load_for_inference(result.best_path)  # type: ignore[arg-type]
             t_eval0 = time.perf_counter()
+            # The paper's stitching (HSP-Net: 400-px tiles every 100 px) only at the paper's sizes.
+            stitch = inference_settings(arch, preset) if preset != "fast" and budget.name == "full" else {}
+            eval_tile = int(stitch.get("tile_size", budget.eval_tile))
+            eval_overlap = int(stitch.get("overlap", eval_tile // 8))
             pairs = []
             for s in test_s:
-                inst, _ = predict_instances(model, s.image, tile_size=budget.eval_tile,
-                                            overlap=budget.eval_tile // 8, batch_size=budget.throughput_batches[0],
+                inst, _ = predict_instances(model, s.image, tile_size=eval_tile,
+                                            overlap=eval_overlap, batch_size=budget.throughput_batches[0],
                                             normalizer=normalizer)
                 pairs.append((s.name, inst, s.instances))
             mean, per = mean_metrics(pairs)
             t_eval = time.perf_counter() - t_eval0
-            trained_models[arch] = model.to("cpu")
+            trained_models[name] = model.to("cpu")
             row = {
-                "name": arch,
+                "name": name,
+                "arch": arch,
+                "preset": preset,
                 "kind": "peer" if arch == PEER else "karyo",
                 "trained": True,
                 "model_kwargs": cfg.model_kwargs,
@@ -258,7 +310,7 @@ def run_bench(
                 "total_s": time.perf_counter() - t_arch,
             }
             rows.append(row)
-            _log(f"{arch}: {row['params'] / 1e6:.3f}M params, trained {t_train:.0f}s, evaluated {t_eval:.0f}s: "
+            _log(f"{name}: {row['params'] / 1e6:.3f}M params, trained {t_train:.0f}s, evaluated {t_eval:.0f}s: "
                  f"dice {mean['dice']:.3f} aji {mean['aji']:.3f} pq {mean['pq']:.3f}")
 
         # classical baseline
@@ -372,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--device", default="auto", help="training device (throughput is always measured on CPU)")
+    p.add_argument("--preset", default="fast", choices=["fast", "paper", "both"],
+                   help="fast: the budget's models (rows 'arch'); paper: each seed architecture's paper preset "
+                        "(rows 'arch:paper'; at CPU budgets its recipe at the budget's sizes); both: all rows")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
@@ -389,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = run_bench(data, BUDGETS[args.budget], args.out, archs=archs, seed=args.seed,
-                           threads=args.threads, device=args.device, show_progress=not args.quiet)
+                           threads=args.threads, device=args.device, show_progress=not args.quiet,
+                           presets=("fast", "paper") if args.preset == "both" else (args.preset,))
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

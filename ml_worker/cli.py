@@ -83,21 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architecture (unet, pgunet_plus, unet_sharp, dssnet, hspnet, multihead_unet)")
     t.add_argument("--data", required=True, help="dataset folder (DIR/images/NAME.png + DIR/masks/NAME.png)")
     t.add_argument("--out", required=True, help="run folder for best.pt / last.pt")
-    t.add_argument("--epochs", type=_positive_int, default=50)
-    t.add_argument("--tile-size", type=_positive_int, default=256)
+    t.add_argument("--preset", default="fast", choices=["fast", "paper"],
+                   help="fast: Karyo's lighter defaults; paper: the seed paper's sizes, loss, optimizer and schedule "
+                        "(ml_worker/presets.py); options given here override the preset's")
+    # Defaults None: the preset's value, else TrainConfig's (shown in brackets).
+    t.add_argument("--epochs", type=_positive_int, default=None, help="[50]")
+    t.add_argument("--tile-size", type=_positive_int, default=None, help="[256]")
     t.add_argument("--width", type=_positive_int, default=None,
                    help="model width (width / base_channels, whichever the architecture has)")
-    t.add_argument("--batch-size", type=_positive_int, default=8)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="[8]")
+    t.add_argument("--lr", type=float, default=None, help="[0.001]")
+    t.add_argument("--weight-decay", type=float, default=None, help="[0.0001]")
     t.add_argument("--optimizer", default=None, help="adam, adamw, rmsprop, sgd (default: adam; rmsprop for PGU-net+)")
     t.add_argument("--loss", default=None, help="override the model's default loss")
     t.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="training patches per epoch (rounded up to whole batches)")
     t.add_argument("--val-fraction", type=float, default=0.2)
-    t.add_argument("--stain-norm", default="none", help="none, macenko, reinhard")
-    t.add_argument("--augment", default="default", help="none, light, default")
-    t.add_argument("--patience", type=int, default=10, help="early stopping patience on val Dice (0 = off)")
+    t.add_argument("--stain-norm", default=None, help="none, macenko, reinhard [none]")
+    t.add_argument("--augment", default=None, help="none, light, default [default]")
+    t.add_argument("--patience", type=int, default=None, help="early stopping patience on val Dice (0 = off) [10]")
     t.add_argument("--epochs-per-stage", type=_positive_int, default=None, help="PGU-net+ epochs per growing stage")
     t.add_argument("--no-progressive", action="store_true", help="PGU-net+: train the full model directly")
     t.add_argument("--encoder-weights", default=None, help="local pre-trained encoder weights (two-phase training)")
@@ -113,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train one 'nucleus' class even when the data has classes/ (typed nuclei)")
     t.add_argument("--instance-head", default=None, choices=["hv"],
                    help="extra head that separates touching nuclei (HoVer-Net-style distance maps)")
-    t.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "step"])
-    t.add_argument("--warmup-epochs", type=int, default=0)
+    t.add_argument("--lr-schedule", default=None, choices=["constant", "cosine", "step"], help="[constant]")
+    t.add_argument("--warmup-epochs", type=int, default=None, help="[0]")
     t.add_argument("--ema-decay", type=float, default=None, help="average the weights (e.g. 0.99); default off")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -123,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", required=True, help="folder of images (or a dataset folder with images/)")
     pr.add_argument("--out", required=True, help="output folder for NAME.png 16-bit instance masks")
     pr.add_argument("--tile-size", type=_positive_int, default=None, help="default: the training tile size")
+    pr.add_argument("--overlap", type=int, default=None,
+                    help="pixels shared by neighbouring tiles, blended with Gaussian weights (default: tile / 8; "
+                         "HSP-Net's paper: 300 on 400-px tiles, i.e. a 100-px stride)")
     pr.add_argument("--batch-size", type=_positive_int, default=8)
     pr.add_argument("--device", default="auto")
     pr.add_argument("--threads", type=_positive_int, default=None)
@@ -184,20 +191,29 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CLIError(f"nothing to resume: {resume} not found")
     from ml_worker.data import dataset_class_names
 
+    from ml_worker.presets import apply_preset
+
     model_kwargs = {**_width_kwargs(args.arch, args.width), **dict(args.model_kw)}
     if args.instance_head:
         model_kwargs["instance_head"] = args.instance_head
     classes = None if args.binary else dataset_class_names(data)
+    # What the command line sets explicitly overrides the preset; the rest comes from it.
+    given = {
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+        "optimizer": args.optimizer, "loss": args.loss, "tile_size": args.tile_size,
+        "steps_per_epoch": args.steps_per_epoch, "stain_norm": args.stain_norm, "augment": args.augment,
+        "early_stopping_patience": args.patience, "progressive": False if args.no_progressive else None,
+        "epochs_per_stage": args.epochs_per_stage, "encoder_weights": args.encoder_weights,
+        "lr_schedule": args.lr_schedule, "warmup_epochs": args.warmup_epochs, "ema_decay": args.ema_decay,
+    }
+    try:
+        kwargs = apply_preset(args.arch, args.preset, model_kwargs=model_kwargs,
+                              **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     config = TrainConfig(
-        arch=args.arch, model_kwargs=model_kwargs, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer, loss=args.loss,
-        tile_size=args.tile_size, steps_per_epoch=args.steps_per_epoch, val_fraction=args.val_fraction,
-        seed=args.seed, stain_norm=args.stain_norm, augment=args.augment,
-        early_stopping_patience=args.patience, device=args.device,
-        progressive=False if args.no_progressive else None, epochs_per_stage=args.epochs_per_stage,
-        encoder_weights=args.encoder_weights, num_threads=args.threads, num_workers=args.workers,
-        resume=resume, out_dir=str(out), classes=classes, lr_schedule=args.lr_schedule,
-        warmup_epochs=args.warmup_epochs, ema_decay=args.ema_decay,
+        **kwargs, val_fraction=args.val_fraction, seed=args.seed, device=args.device, num_threads=args.threads,
+        num_workers=args.workers, resume=resume, out_dir=str(out), classes=classes,
     )
     samples = load_folder(data)
     train_s, val_s = split_by_image(samples, config.val_fraction, seed=config.split_seed)
@@ -218,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         kind = ev["event"]
         if kind == "start":
             total = ev["epochs"] * ev["steps_per_epoch"]
-            print(f"training {args.arch} ({ev['parameters'] / 1e6:.2f}M parameters) on {ev['n_train']} images, "
+            print(f"training {args.arch}, {args.preset} preset ({ev['parameters'] / 1e6:.2f}M parameters) on {ev['n_train']} images, "
                   f"validating on {ev['n_val']}, {ev['epochs']} epochs x {ev['steps_per_epoch']} steps, "
                   f"device {ev['device']}", file=sys.stderr)
             bar = tqdm(total=total, initial=ev["start_epoch"] * ev["steps_per_epoch"], unit="step",
@@ -301,7 +317,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for f in tqdm(files, unit="image", file=sys.stderr, disable=args.quiet, desc="predict"):
         image = read_image(f)
-        inst, probs = predict_instances(model, image, tile_size=tile, overlap=max(0, tile // 8),
+        overlap = max(0, tile // 8) if args.overlap is None else args.overlap
+        if not 0 <= overlap < tile:
+            raise CLIError(f"--overlap must be in [0, {tile}) for {tile}-px tiles, got {overlap}")
+        inst, probs = predict_instances(model, image, tile_size=tile, overlap=overlap,
                                         batch_size=args.batch_size, device=_device(args.device), normalizer=normalizer)
         if inst.max(initial=0) > 65535:
             raise CLIError(f"{f.name}: {int(inst.max())} instances do not fit a 16-bit mask")

@@ -208,3 +208,47 @@ def test_bench_missing_data_is_a_one_line_error(tmp_path: Path) -> None:
     p = run("-m", "ml_worker.bench", "--data", "nowhere", "--budget", "smoke", "--out", "b", cwd=tmp_path)
     assert_one_line_error(p, "nowhere")
     assert not (tmp_path / "b").exists()
+
+
+# ============================================================================ presets
+def test_train_with_the_paper_preset_takes_its_recipe_and_lets_the_command_line_override_it(
+        trained: Path, tmp_path: Path) -> None:
+    from ml_worker.checkpoint import load_checkpoint
+
+    p = run("-m", "ml_worker", "train", "--arch", "dssnet", "--preset", "paper", "--data", str(trained / "data"),
+            "--out", "run", "--epochs", "1", "--tile-size", "64", "--width", "8", "--model-kw", "num_blocks=1",
+            "--steps-per-epoch", "4", "--augment", "light", "--threads", "1", "--quiet", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "paper preset" in p.stderr
+    _, meta = load_checkpoint(tmp_path / "run" / "last.pt")
+    config = meta["config"]
+    # the paper's optimizer, batch and schedule; the command line's epochs, tile and width
+    assert (config["optimizer"], config["batch_size"], config["lr_schedule"]) == ("sgd", 4, "cosine")
+    assert (config["epochs"], config["tile_size"]) == (1, 64)
+    assert meta["init_kwargs"]["decoder"] == "paper" and meta["init_kwargs"]["width"] == 8
+    assert meta["init_kwargs"]["num_blocks"] == 1 and meta["init_kwargs"]["feature_channels"] == 42
+
+
+def test_a_preset_the_architecture_lacks_is_a_one_line_error(trained: Path, tmp_path: Path) -> None:
+    p = run("-m", "ml_worker", "train", "--arch", "unet", "--preset", "paper", "--data", str(trained / "data"),
+            "--out", "run", cwd=tmp_path)
+    assert_one_line_error(p, "unet has no preset 'paper'; available: fast")
+
+
+def test_bench_paper_preset_rows_use_the_papers_recipe(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "data", 3, kind="he", size=96, seed=0)
+    p = run("-m", "ml_worker.bench", "--data", "data", "--budget", "smoke", "--out", "bench", "--threads", "1",
+            "--archs", "dssnet", "hspnet", "--preset", "paper", "--quiet", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    result = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"dssnet:paper", "hspnet:paper", "otsu_watershed"}
+    assert rows["dssnet:paper"]["preset"] == "paper" and rows["dssnet:paper"]["model_kwargs"]["decoder"] == "paper"
+    # at a CPU budget the budget keeps its model sizes
+    assert rows["dssnet:paper"]["model_kwargs"]["width"] == 8
+    assert rows["hspnet:paper"]["params"] > 0 and rows["hspnet:paper"]["tiles_per_s_64"] > 0
+    from ml_worker.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(tmp_path / "bench" / "runs" / "hspnet-paper" / "last.pt")
+    assert meta["config"]["encoder_lr_factor"] == 0.1
+    assert "dssnet:paper" in p.stdout and "hspnet:paper" in p.stdout
