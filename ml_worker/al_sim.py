@@ -195,15 +195,16 @@ QUICK: dict[str, Any] = dict(rounds=6, batch=4, init=4, seeds=2, tile=64, patch=
                              init_epochs=3, epochs_per_round=1, eval_tile=256, held_out=3, pool_limit=300)
 
 #: ``--budget`` presets: ``quick`` is CI-sized (minutes on a free CPU; too little training for
-#: the curves to mean much), ``standard`` the study's figures (5 seeds, 128-px pool tiles; about
-#: 50 min for five strategies on a 2-core CPU shared with ~8 other processes). Fewer than
+#: the curves to mean much), ``standard`` the study's figures (5 seeds, 128-px pool tiles, 4 + 2 x 8
+#: labelled tiles; ~50 min for four strategies on a 2-core CPU shared with ~8 other processes,
+#: where one round costs ~40 s). Fewer than
 #: ~128 patches per epoch leaves the models so undertrained that the curves are flat: the
 #: full-data model is then no better than the 4-tile one and no strategy can differ.
 BUDGETS: dict[str, dict[str, Any]] = {
     "quick": dict(rounds=3, batch=2, init=2, seeds=2, tile=128, patch=64, epoch_patches=32, init_epochs=2,
                   epochs_per_round=1, eval_tile=256, held_out=2, pool_limit=60, ssl_steps=30),
-    "standard": dict(rounds=4, batch=4, init=4, seeds=5, tile=128, patch=64, epoch_patches=128, init_epochs=3,
-                     epochs_per_round=1, eval_tile=256, held_out=2, pool_limit=60, ssl_steps=40),
+    "standard": dict(rounds=2, batch=8, init=4, seeds=5, tile=128, patch=64, epoch_patches=128, init_epochs=3,
+                     epochs_per_round=1, eval_tile=256, held_out=2, pool_limit=48, ssl_steps=30),
 }
 
 SSL_SUFFIX = "+ssl"

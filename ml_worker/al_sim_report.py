@@ -306,3 +306,31 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown_summary(results: dict[str, Any]) -> str:
+    """The study's headline table in Markdown (for docs/): AJI / PQ / Dice at the first and last
+    budget with 95 % CIs, labels to 90 / 95 % of the full-data AJI with the paired ratio to
+    random, the budgets where a strategy is below random beyond the seed spread, and effort."""
+    s = results["summary"]
+    rows = ["| strategy | AJI first → last (95 % CI) | PQ last | Dice last | tiles → 90 % AJI (ratio to random, 95 % CI) "
+            "| tiles → 95 % AJI (ratio, 95 % CI) | below random at | added-or-redrawn / deleted |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, st in s["strategies"].items():
+        cells = [name, f"{st['aji_mean'][0]:.3f} → {st['aji_mean'][-1]:.3f} ± {st['aji_ci'][-1]:.3f}",
+                 f"{st['pq_mean'][-1]:.3f} ± {st['pq_ci'][-1]:.3f}", f"{st['dice_mean'][-1]:.3f} ± {st['dice_ci'][-1]:.3f}"]
+        for f in (f"{t:.2f}" for t in AJI_TARGETS):
+            own = st["aji_labels_to"][f]
+            got = [v for v in own if v is not None]
+            txt = (f"{np.mean(got):.1f}" if got else "–") + (f" ({len(own) - len(got)} of {len(own)} seeds never)"
+                                                            if len(got) < len(own) else "")
+            vs = st.get("aji_targets_vs_random", {}).get(f)
+            if vs and vs.get("ratio") is not None:
+                txt += f"; {vs['ratio']:.2f} [{vs['ratio_ci'][0]:.2f}, {vs['ratio_ci'][1]:.2f}]"
+            cells.append(txt)
+        below = st.get("below_random_at")
+        cells.append("–" if below is None else (", ".join(map(str, below)) or "never"))
+        eff = st.get("effort_added_or_redrawn_overall")
+        cells.append(f"{eff:.2f} / {st['effort_deleted_overall']:.2f}" if eff is not None else "–")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
