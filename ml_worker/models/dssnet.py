@@ -1,8 +1,12 @@
-"""DSSNet: fast nucleus segmentation with supervised down-sampling.
+"""DSSNet (Luo et al. 2022, dual supervised sampling network): fast nucleus segmentation with
+supervised down-sampling.
 
-Karyo's pre-annotation model: almost all computation happens at 1/8 resolution, so it is
-several times faster than the U-Net while auxiliary heads (used only in training) keep the
-compressed representation informative.
+Karyo's pre-annotation model: a learned down-sampling path compresses the image to 1/8 before
+the feature extractor runs, and auxiliary heads (used only in training) keep the compressed
+representation informative. Where the rest of the compute goes depends on the decoder: at 256² the default
+``fusion`` decoder spends 47 % of the convolution FLOPs at full resolution (34 % at 1/8); the
+paper's decoder (``decoder="paper"``, at the paper preset's sizes) spends 7 % at full
+resolution, 43 % at 1/2 and 48 % at 1/8.
 
 * **Supervised down-sampling (SDS)**: a 3×3 conv to ``width`` (30) maps at full
   resolution, then three rounds of two parallel branches — 2×2 max-pool and strided convs
@@ -13,17 +17,41 @@ compressed representation informative.
   compressed maps to keep the image content.
 * **Feature extractor**: ``num_blocks`` (10) W-NECK residual blocks at 1/8 — 1×1 expand,
   parallel 1×1 and 3×3, concat, 1×1 squeeze, identity skip — no further down-sampling.
-* **Feature fusion + up-sampling**: the extractor output is fused with the SDS maps at
-  1/8, then up-sampled ×2 three times, each time fused with the SDS map of that scale.
-* **Edge head** (training only): predicts nucleus contours from the full-resolution fused
-  features (L1 loss), supervising the up-sampling path.
-* **Segmentation head**: two convs → class logits (CE).
+* **Decoder** ``fusion`` (Karyo's, default): the extractor output is fused with the SDS maps
+  at 1/8, then up-sampled ×2 three times, each time fused with the SDS map of that scale;
+  the edge head (training only) predicts nucleus contours from the full-resolution fused
+  features (L1 loss), supervising the up-sampling path; segmentation head: two convs →
+  class logits.
+* **Decoder** ``paper`` (:class:`PaperDecoder`): the extractor's input and output
+  concatenated, nearest ×4 up-sampling, 1×1 + 3×3 convs at 1/2, the edge branch at 1/2
+  (up-sampled to full resolution for its loss), 3×3 convs to 32 and 20 channels, nearest ×2,
+  two 3×3 convs at full resolution. No skip fusions.
 
 Loss = seg (CE by default) + 0.25·(1 - SSIM) + 0.4·edge-L1.
+
+Against the paper (``preset="paper"`` in ``ml_worker.presets``), where the authors' reference
+code (github.com/ldrunning/DSSNet, ``model/dss.py`` and ``dss_trainer.py``) settles what the
+text leaves open:
+
+* Follows it: the decoder layer by layer as in the reference code (widths 2·42, 32, 20;
+  PReLU; no normalisation);
+  the extractor's size (12 blocks, 42 channels, 2·126 = 6·42 expansion) and the SR head's (64
+  channels, 5 residual blocks, ×8 pixel shuffle); the loss weights 0.25 (SSIM) and 0.4 (edge
+  L1); batch 4, cosine schedule over 400 epochs (reference code); SGD (the paper's optimizer
+  as issue 15 reports it; we could not re-read the paper text here).
+* Departs from it: the SDS rounds (ours: max-pool ‖ two convs, concatenated, 1×1 reduce, with
+  BatchNorm + ReLU; reference: max-pool + strided 3×3 → 1×1, added, weight norm, no
+  activation); the extractor blocks (ours: W-NECK as above with BatchNorm; reference: parallel
+  1×1 and 3×3 from the input, PReLU, 3×3 to 0.75·c, 3×3 back, weight norm); Karyo's residual
+  blocks in the SR head; no weight normalisation anywhere; the edge map is compared with a
+  full-resolution contour target.
+* Chosen where text and code disagree: the optimizer is SGD (Nesterov momentum 0.9) at the
+  reference code's learning rate 1e-3 — the reference code itself trains with Adam at 1e-3.
 
 Shapes for input (B, C, H, W), width s=30, feature width f, decoder width d:
     s0 (B, s, H, W) → s1 (B, s, H/2, W/2) → s2 (B, s, H/4, W/4) → s3 (B, s, H/8, W/8)
     extractor: (B, f, H/8, W/8); fusion: (B, d, H/8) → (B, d, H/4) → (B, d, H/2) → (B, d, H)
+    paper: (B, 2f, H/8) → (B, 2f, H/2) → (B, d, H/2) → (B, 5d/8, H) → (B, K, H)
     seg (B, K, H, W); sr (B, C, H, W); edge (B, 1, H, W)
 """
 

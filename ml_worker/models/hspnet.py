@@ -5,10 +5,27 @@
 * **DS-Block**: global-average-pooling branch + 1×1 + three atrous 3×3 (dilations 6, 12,
   18), concatenated, 1×1 reduce (the ASPP layout; :class:`~.blocks.ASPP`).
 * **V-HSP** (vertical pyramid): one DS-Block per encoder scale reduces it to
-  ``ds_channels``; the four results are bilinearly up-sampled to x/4 and concatenated.
+  ``ds_channels`` (or to ``ds_widths[i]`` when given); the four results are bilinearly
+  up-sampled to x/4 and concatenated.
 * **H-HSP** (horizontal pyramid): one more DS-Block over the concatenation.
 * **Head**: three 3×3 convs (the last one to class logits), then ×4 bilinear
   up-sampling to the input size.
+* **Any input size**: the input is mirror-padded at the bottom/right to a multiple of 32
+  (the encoder's stride) and the logits are cropped back, so ``size_divisor`` is 1 and the
+  paper's 400-px tiles work for training and inference.
+
+Against the paper (``preset="paper"`` in ``ml_worker.presets``):
+
+* Follows it: ResNet-101 encoder (``depth=101``, torchvision's layout, so ImageNet weights
+  load through ``encoder_weights``); V-HSP DS-Blocks 32, 64, 128 and 256 wide at x/4 … x/32
+  (``ds_widths``); the encoder trained at 0.1× the learning rate (``encoder_lr_factor``: its
+  own optimizer parameter group); 400-px tiles stitched every 100 px (overlap 300) with
+  Gaussian weights (``ml_worker.inference.predict_probs``; ``python -m ml_worker predict
+  --overlap 300`` — the overlap is not stored in the checkpoint, the training tile size is).
+* Chosen where the paper (as we have it) is not specific: the H-HSP block's output width
+  (``ds_channels``, 128), the head width (64), the dilation rates (6, 12, 18, DeepLab's), the
+  optimizer and base learning rate (Karyo's Adam 1e-3) and the loss (CE + Dice).
+* Karyo's ``fast`` preset departs from it on purpose: ResNet-34 and all DS-Blocks 128 wide.
 
 Shapes for input (B, C, H, W), ResNet-34 at base 64, ds_channels r:
     c2 (B, 64, H/4, W/4), c3 (B, 128, H/8, W/8), c4 (B, 256, H/16, W/16), c5 (B, 512, H/32, W/32)

@@ -13,12 +13,33 @@ Targets are derived from the instance maps in torch (``losses.multihead_targets`
 loss is BCE + soft Dice per channel; instances come from a marker watershed on the nucleus
 channel with markers = borderless − borders (``instances.multihead_to_instances``).
 
-Encoder: U-Net DoubleConv levels (``width·2^i`` channels, ``depth`` max-pool levels).
-Decoder block: transposed-conv ×2, concat skip, then an Inception-like block — parallel
-1×1, 3×3 and 3×3-dilation-2 (5×5 receptive field) branches, concatenated, fused by 1×1,
-re-weighted by SE, plus a 1×1 projected residual.
+Encoder (``encoder``): ``unet`` — DoubleConv levels (``width·2^i`` channels, ``depth``
+max-pool levels); ``xception`` — a 3×3 conv + separable conv at full resolution, then one
+Xception entry-flow block per level (two depthwise-separable convs, 3×3 max-pool stride 2, a
+strided 1×1 shortcut), same channels per level. Decoder block: transposed-conv ×2, concat
+skip, then an Inception-like block — parallel 1×1, 3×3 and 3×3-dilation-2 (5×5 receptive
+field) branches, concatenated, fused by 1×1, re-weighted by SE, plus a 1×1 projected
+residual. ``act`` (ReLU or SELU...) everywhere but inside the SE gates. Post-processing
+(``postprocess``): marker watershed, or scikit-image's random walker growing the same
+markers on ``nucleus - borders``.
 
 Shapes for input (B, C, H, W): level i (B, w·2^i, H/2^i, W/2^i); output (B, 3, H, W).
+
+Against the DSB 2018 multi-head model (``preset="paper"`` in ``ml_worker.presets``):
+
+* Follows it: three sigmoid heads (nucleus, core, touching borders) and a marker-based split;
+  an Xception-style encoder; SELU activations; step decay of the learning rate; the random
+  walker as the alternative to the watershed (the paper preset uses it).
+* Departs from it: the encoder is Xception-*style* — entry-flow blocks at the U-Net's
+  doubling widths, no middle/exit flow, so ImageNet Xception weights do not load; BatchNorm is
+  kept next to SELU (SELU's self-normalisation is meant to replace it; kept so both encoders
+  share the decoder).
+* Chosen where the description is not specific: the step schedule (×0.1 every third of the
+  run, ``TrainConfig`` defaults), the random walker's β (130, scikit-image's default) and
+  everything else of the recipe (Adam 1e-3, BCE + Dice).
+* Observed: at the contract test's tiny width, the SELU model reaches Dice 0.97 on one batch
+  before its core channel separates two touching discs (ReLU does both), so the paper preset
+  may need longer training than the fast one for the split.
 """
 
 from __future__ import annotations

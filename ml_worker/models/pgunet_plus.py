@@ -19,14 +19,30 @@ the default after construction).
 
 Level ``l`` (0 = finest, ``L = num_stages - 1 + core_depth`` levels + bottleneck) has
 ``width·2^l`` channels, so at the last stage this is a depth-``L`` U-Net (depth 4 by
-default, like the baseline). Every active level also sees the image resampled to its own
-scale through a 1×1 "from-RGB" conv (as in progressive GANs), which is what lets the
-stage-1 levels start from the raw image at 32×32 and keep their input meaningful later.
+default, like the baseline). The outermost active level reads the image through a 1×1
+"from-RGB" conv (as in progressive GANs): that is how the stage-1 core reads the 32×32
+image and later reads the features of the level added around it (the from-RGB convs of inner
+levels are then frozen). With ``pyramid_input=True`` (Karyo's addition, the ``fast``
+preset) every active level also adds its own from-RGB view of the image resampled to its
+scale.
 
 Shapes at the last stage for input (B, C, H, W) and width w:
     level l encoder:  (B, w·2^l, H/2^l, W/2^l),  bottleneck (B, w·2^L, H/2^L, W/2^L)
     level l decoder:  (B, w·2^l, H/2^l, W/2^l) → head_l (B, K, H/2^l, W/2^l)
     output pred_0:    (B, K, H, W)
+
+Against the paper (``preset="paper"`` in ``ml_worker.presets``):
+
+* Follows it: U-Net+ residual heads between scales; training from the coarsest part with
+  one finer level added per stage, 4 stages × 40 epochs at 32→256 px; RMSprop with the new
+  layers at 1e-4 and the carried ones at 1e-6; no image-pyramid input.
+* Chosen where the paper (as we have it) is not specific: the per-level widths. The paper
+  reports about 13 M parameters; with the U-Net's doubling widths, ``width=42`` gives
+  13.4 M (width 64, the ``fast`` preset, gives 31.1 M — the pyramid input itself adds only
+  ~1 k parameters, it is not why the fast model is larger). How a stage's outermost level
+  reads the image (the 1×1 from-RGB conv) is our choice.
+* Not checked against the paper text: the loss (CE + Dice, Karyo's default, kept) and the
+  normalisation (BatchNorm in every conv block, as in all Karyo U-Nets).
 """
 
 from __future__ import annotations

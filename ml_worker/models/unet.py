@@ -11,6 +11,12 @@ it has ≈31.0M parameters (the classic configuration).
     bottleneck → (B, 2^depth·w, H/2^depth, W/2^depth)               │    │
     up: ConvT ×2, concat skip, DoubleConv ... ──────────────────────┘────┘
     head 1×1 → (B, num_classes, H, W)
+
+Against the paper (no ``paper`` preset; this is Karyo's baseline): the layout (two 3×3 convs
+per level, max-pool down, 2×2 up-convolutions, skip concatenation, 64→1024 channels) follows
+it; BatchNorm, "same" padding (the paper uses unpadded convs and an overlap-tile input), the
+CE + Dice loss (the paper's border-weighted cross-entropy is available as ``border_ce``) and
+Adam (the paper: SGD with momentum 0.99, batch 1) are Karyo's.
 """
 
 from __future__ import annotations

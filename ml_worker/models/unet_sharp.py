@@ -12,12 +12,33 @@
   much cheaper at full resolution); each encoder branch passes an additive **attention gate**
   whose gating signal is the next-coarser decoder output. The branches (always 6) are
   concatenated and fused by a 3×3 conv to ``decoder_channels``.
-* **Activations**: Mish everywhere (encoder included).
+* **Activations**: ``act`` (Mish by default) in the decoder, bridge and stem, and in the
+  encoder too unless ``encoder_act`` is set (the paper preset sets ReLU there).
 * **Loss**: Focal Tversky (β = 0.7, α = 1 - β, γ = 4/3) by default.
 
 Two-phase fine-tuning when encoder weights are given (driven by the training loop):
 ``set_encoder_trainable(False)`` and train the decoder (``non_encoder_parameters()``), then
 ``set_encoder_trainable(True); freeze_batchnorm()`` and train everything but BatchNorm.
+
+Against the paper (``preset="paper"`` in ``ml_worker.presets``):
+
+* Follows it: ResNeXt-101 32×4d encoder (``depth=101``; 42.1 M parameters in the trunk, in
+  torchvision's / timm's key layout, so timm's ImageNet ``resnext101_32x4d`` state dict loads
+  through ``encoder_weights``);
+  full-scale skips with attention gates and an ASPP bridge; Focal Tversky loss; Macenko
+  stain normalisation; frozen-encoder then unfrozen-but-BatchNorm fine-tuning — which, as
+  in the paper, presupposes pre-trained encoder weights: it runs when ``encoder_weights``
+  is given (``two_phase`` left at its default), otherwise the whole network trains from
+  scratch.
+* Departs from it: AdamW instead of AdaBound — PyPI's AdaBound implementations (``adabound``
+  0.0.5, 2019; ``torch-optimizer`` 0.3.0, 2021) are unmaintained, and AdamW is the adaptive
+  optimizer AdaBound starts as (its bound towards SGD is not reproduced).
+* Chosen where the paper is ambiguous: Mish in the decoder only. ImageNet ResNeXt weights
+  were trained with ReLU, so the paper preset keeps ReLU inside the encoder
+  (``encoder_act="relu"``); the ``fast`` preset keeps Mish everywhere. β = 0.7 and γ = 4/3 are
+  the Focal Tversky values of Abraham & Khan (2019), which we take as the paper's (not
+  re-checked against its text here). The full-resolution stem is Karyo's (ResNeXt's first
+  feature map is at stride 2).
 
 Shapes for input (B, C, H, W), ResNeXt-50 at base 64 (channels e_i):
     e0 stem (B, 32, H, W); e1 (B, 64, H/2, W/2); e2 (B, 256, H/4, W/4);
