@@ -13,6 +13,7 @@ import secrets
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import date, datetime, time as dtime, timedelta
 from datetime import timezone as dt_timezone
 from pathlib import Path
@@ -29,9 +30,10 @@ from django.utils.dateparse import parse_date, parse_datetime
 
 from backend.common.errors import InvalidUpload, KaryoError
 from backend.common.jobs import enqueue_on_commit
-from backend.common.storage import read_label_map
-from backend.images.models import AnnotationStatus, Image
-from backend.images.pixels import tile_png
+from backend.common.storage import encode_png, read_label_map
+from backend.images.models import AnnotationSource, AnnotationStatus, Image
+from backend.images.pixels import level0_per_working_pixel, read_image_region, tile_png
+from backend.images.stitching import TileLabels, annotated_regions, label_window, stitch
 from backend.projects.models import Project
 
 from .archive import ZipSink, work_dir
@@ -44,7 +46,12 @@ from .splits import SPLIT_NAMES, seeded_split
 
 log = logging.getLogger(__name__)
 FILTER_KEYS = {"status", "annotators", "date_from", "date_to", "classes", "images", "split", "options"}
-OPTION_KEYS = {"object_type", "image_url_prefix", "tissue"}
+OPTION_KEYS = {"object_type", "image_url_prefix", "tissue", "layout"}
+LAYOUTS = ("image", "tile")
+# An image-layout item is one whole image with its full-size label map in memory; above this many
+# pixels the image is left out (the manifest lists it and why); use layout "tile" for it.
+IMAGE_LAYOUT_MAX_PIXELS = 25_000_000
+PANNUKE_PATCH = 256
 
 
 def _invalid(message: str) -> KaryoError:
@@ -174,6 +181,8 @@ def normalize_filters(*, project: Project, raw: dict | None) -> dict:
         raise _invalid(f"unknown option(s) {', '.join(bad)}; use {', '.join(sorted(OPTION_KEYS))}")
     if options.get("object_type", "annotation") not in ("annotation", "detection"):
         raise _invalid('object_type is "annotation" or "detection"')
+    if options.get("layout", "image") not in LAYOUTS:
+        raise _invalid('layout is "image" (one item per image, nuclei stitched across tiles) or "tile" (one item per tile)')
     return {
         "status": status,
         "annotators": sorted(set(annotators)),
@@ -284,6 +293,121 @@ def _sample(annotation, name: str, split: str | None, *, default_class: int, kee
     return ExportSample(name=name, image_png=png, instances=instances, classes=classes, split=split), raw
 
 
+@dataclass
+class _ImageGroup:
+    """One image of an image-layout export: its selected versions and the items cut from it."""
+
+    image: Image
+    name: str
+    split: str | None
+    scale: float  # level-0 pixels per working pixel (1.0 unless the image has another resolution)
+    width: int  # working pixels
+    height: int
+    annotations: list
+    items: list[tuple[PlanItem, int, int]]  # (plan item, x, y): the whole image, or PanNuke patches
+
+
+def _image_plan(project: Project, annotations, split_of: dict | None, *, pannuke: bool):
+    """Group the selected versions by image -> (groups, plan, images left out and why)."""
+    by_image: dict[int, list] = {}
+    for a in annotations:
+        by_image.setdefault(a.tile.image_id, []).append(a)
+    stems: dict[str, set[int]] = {}
+    for anns in by_image.values():
+        stems.setdefault(safe_name(Path(anns[0].tile.image.name).stem), set()).add(anns[0].tile.image_id)
+    groups, plan, left_out = [], [], []
+    for image_id, anns in by_image.items():
+        image = anns[0].tile.image
+        stem = safe_name(Path(image.name).stem)
+        name = f"{stem}-{image.pk}" if len(stems[stem]) > 1 else stem
+        scale = level0_per_working_pixel(image, working_mpp=project.working_mpp)
+        width, height = max(1, int(image.width / scale)), max(1, int(image.height / scale))
+        if width * height > IMAGE_LAYOUT_MAX_PIXELS:
+            left_out.append({
+                "image": {"id": image.pk, "name": image.name, "width": image.width, "height": image.height},
+                "tiles": len(anns),
+                "reason": f"{width}x{height} pixels is over the image-layout limit of {IMAGE_LAYOUT_MAX_PIXELS:,} "
+                          "pixels (a full-size label map); export it with layout \"tile\"",
+            })
+            continue
+        split = split_of.get(image_id) if split_of else None
+        if pannuke and (width > PANNUKE_PATCH or height > PANNUKE_PATCH):
+            rects = [(round(a.tile.x / scale), round(a.tile.y / scale), a.tile.w, a.tile.h) for a in anns]
+            items = []
+            for y in range(0, height, PANNUKE_PATCH):
+                for x in range(0, width, PANNUKE_PATCH):
+                    w, h = min(PANNUKE_PATCH, width - x), min(PANNUKE_PATCH, height - y)
+                    if any(tx < x + w and x < tx + tw and ty < y + h and y < ty + th for tx, ty, tw, th in rects):
+                        items.append((PlanItem(f"{name}_x{x}_y{y}", split, w, h), x, y))
+        else:
+            items = [(PlanItem(name, split, width, height), 0, 0)]
+        plan.extend(item for item, _, _ in items)
+        groups.append(_ImageGroup(image, name, split, scale, width, height, anns, items))
+    if not groups:
+        raise KaryoError("nothing to export in the image layout: every selected image is over the pixel limit "
+                         f"({IMAGE_LAYOUT_MAX_PIXELS:,}); use layout \"tile\"", code="empty_export")
+    return groups, plan, left_out
+
+
+def _relabel(instances: np.ndarray, classes: dict[int, int]) -> tuple[np.ndarray, dict[int, int]]:
+    ids = np.unique(instances)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(instances.max(initial=0)) + 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[instances], {new: classes[int(old)] for new, old in enumerate(ids.tolist(), start=1)}
+
+
+def _image_samples(group: _ImageGroup, *, project: Project, default_class: int, keep_classes: set[int], class_names,
+                   chains, predictions, prediction_ids):
+    """Stitch one image's tiles (backend.images.stitching) -> (samples, per-tile metas, image meta)."""
+    tiles, raws = [], {}
+    for a in group.annotations:
+        raw = read_label_map(a.mask.name)
+        raws[a.pk] = raw
+        listed = {int(k): int(v) for k, v in (a.classes or {}).items()}
+        tiles.append(TileLabels(
+            tile_id=a.tile_id, x=round(a.tile.x / group.scale), y=round(a.tile.y / group.scale),
+            instances=raw, classes=listed, annotation_id=a.pk, version=a.version,
+            shared_ids=a.source == AnnotationSource.IMPORTED,
+        ))
+    nuclei = [n for n in stitch(tiles, default_class=default_class) if not keep_classes or n.class_id in keep_classes]
+    instances = label_window(nuclei, x=0, y=0, w=group.width, h=group.height)
+    classes = {k: n.class_id for k, n in enumerate(nuclei, start=1)}
+    rgb = read_image_region(group.image, x=0, y=0, w=group.width, h=group.height, working_mpp=project.working_mpp)
+    samples = []
+    for item, x, y in group.items:
+        if (item.width, item.height) == (group.width, group.height):
+            samples.append(ExportSample(name=item.name, image_png=encode_png(np.ascontiguousarray(rgb)),
+                                        instances=instances, classes=classes, split=item.split))
+            continue
+        crop, crop_classes = _relabel(instances[y : y + item.height, x : x + item.width], classes)
+        samples.append(ExportSample(name=item.name, split=item.split, instances=crop, classes=crop_classes,
+                                    image_png=encode_png(np.ascontiguousarray(rgb[y : y + item.height, x : x + item.width]))))
+    owned: dict[int, dict[int, int]] = {}
+    for k, n in enumerate(nuclei, start=1):
+        owned.setdefault(n.tile_id, {})[k] = n.class_id
+    metas = []
+    for a in group.annotations:
+        pseudo = ExportSample(name=group.name, image_png=b"", instances=raws[a.pk], classes=owned.get(a.tile_id, {}),
+                              split=group.split)
+        meta = _tile_meta(a, pseudo, chains[a.pk], predictions.get(prediction_ids[a.pk]), raws[a.pk], class_names)
+        meta["nuclei_owned"] = meta.pop("nuclei")
+        metas.append(meta)
+    image_meta = {
+        "name": group.name,
+        "split": group.split,
+        "image": {"id": group.image.pk, "name": group.image.name, "sha256": group.image.sha256,
+                  "width": group.image.width, "height": group.image.height},
+        "pixels": {"width": group.width, "height": group.height, "level0_per_pixel": group.scale},
+        "annotated_regions": annotated_regions(tiles),
+        "nuclei": len(nuclei),
+        "classes": dict(sorted(Counter(class_names[c] for c in classes.values()).items())),
+        "items": [item.name for item, _, _ in group.items],
+        "class_ids": classes,  # taken out by the caller (counts), not written
+    }
+    return samples, metas, image_meta
+
+
 class _Progress:
     def __init__(self, export_id: int, total: int, callback: Callable[[int, int], None] | None):
         self.export_id, self.total, self.callback = export_id, max(total, 1), callback
@@ -332,10 +456,17 @@ def _build(export: Export, progress_callback) -> tuple[str, dict]:
     classes = _class_table(project, annotations)
     class_names = {c.id: c.name for c in classes}
     default_class = int(project.nucleus_classes[0]["id"])
-    names = _names(annotations)
     split_of = _splits(project, annotations, filters, default_class)
-    splits = [split_of[a.tile.image_id] if split_of else None for a in annotations]
-    plan = [PlanItem(n, s, a.tile.w, a.tile.h) for n, s, a in zip(names, splits, annotations)]
+    layout = filters.get("options", {}).get("layout", "image")
+    keep_classes = set(filters["classes"])
+    if layout == "tile":
+        names = _names(annotations)
+        splits = [split_of[a.tile.image_id] if split_of else None for a in annotations]
+        plan = [PlanItem(n, s, a.tile.w, a.tile.h) for n, s, a in zip(names, splits, annotations)]
+        groups = [[a] for a in annotations]
+        left_out: list[dict] = []
+    else:
+        groups, plan, left_out = _image_plan(project, annotations, split_of, pannuke=export.format == "pannuke")
 
     history = annotation_history(tile_ids=[a.tile_id for a in annotations])
     chains = {a.pk: lineage(a.pk, history) for a in annotations}
@@ -350,38 +481,58 @@ def _build(export: Export, progress_callback) -> tuple[str, dict]:
         "tile_size": project.tile_size, "tile_overlap": project.tile_overlap,
     }
     options = {**filters.get("options", {}), "project": project_info, "karyo_version": settings.KARYO_VERSION}
-    keep_classes = set(filters["classes"])
     tiles_meta = []
+    images_meta = []
     per_class: Counter = Counter()
     per_split: dict[str, dict] = {}
     annotators, reviewers, model_versions = set(), set(), set()
-    report = _Progress(export.pk, len(annotations), progress_callback)
+    report = _Progress(export.pk, len(groups), progress_callback)
 
     with tempfile.TemporaryDirectory(dir=work_dir(), prefix=f"export-{export.pk}-") as tmp:
         zip_path = Path(tmp) / "export.zip"
         sink = ZipSink(zip_path, Path(tmp) / "scratch")
         try:
             writer = get_format(export.format).Writer(sink, classes=classes, plan=plan, options=options)
-            for done, (annotation, item) in enumerate(zip(annotations, plan), start=1):
-                sample, raw = _sample(annotation, item.name, item.split, default_class=default_class, keep_classes=keep_classes)
-                meta = _tile_meta(annotation, sample, chains[annotation.pk], predictions.get(prediction_ids[annotation.pk]),
-                                  raw, class_names)
-                sample.meta = meta
-                writer.add(sample)
-                tiles_meta.append(meta)
-                counted = Counter(class_names[c] for c in sample.classes.values())
-                per_class.update(counted)
-                if item.split:
-                    bucket = per_split.setdefault(item.split, {"tiles": 0, "images": set(), "nuclei": 0, "per_class": Counter()})
-                    bucket["tiles"] += 1
-                    bucket["images"].add(annotation.tile.image_id)
-                    bucket["nuclei"] += len(sample.classes)
-                    bucket["per_class"].update(counted)
-                annotators.update(meta["annotation"]["authors"])
-                if meta["annotation"]["reviewer"]:
-                    reviewers.add(meta["annotation"]["reviewer"])
-                if meta["model_version"]:
-                    model_versions.add(meta["model_version"]["version"])
+            items = iter(plan)
+            for done, group in enumerate(groups, start=1):
+                if layout == "tile":
+                    annotation, item = group[0], next(items)
+                    sample, raw = _sample(annotation, item.name, item.split, default_class=default_class,
+                                          keep_classes=keep_classes)
+                    meta = _tile_meta(annotation, sample, chains[annotation.pk],
+                                      predictions.get(prediction_ids[annotation.pk]), raw, class_names)
+                    sample.meta = meta
+                    samples, metas, image_meta = [sample], [meta], None
+                else:
+                    samples, metas, image_meta = _image_samples(
+                        group, project=project, default_class=default_class, keep_classes=keep_classes, class_names=class_names,
+                        chains=chains, predictions=predictions, prediction_ids=prediction_ids,
+                    )
+                    images_meta.append(image_meta)
+                for sample in samples:
+                    writer.add(sample)
+                # Nuclei are counted once per image (PanNuke patches repeat a nucleus cut by a patch edge).
+                for split, classes_of in ([(samples[0].split, samples[0].classes)] if layout == "tile"
+                                          else [(image_meta["split"], image_meta.pop("class_ids"))]):
+                    counted = Counter(class_names[c] for c in classes_of.values())
+                    per_class.update(counted)
+                    if split:
+                        bucket = per_split.setdefault(split, {"tiles": 0, "images": set(), "nuclei": 0,
+                                                              "per_class": Counter()})
+                        bucket["nuclei"] += len(classes_of)
+                        bucket["per_class"].update(counted)
+                for meta in metas:
+                    tiles_meta.append(meta)
+                    if meta["split"]:
+                        bucket = per_split.setdefault(meta["split"], {"tiles": 0, "images": set(), "nuclei": 0,
+                                                                      "per_class": Counter()})
+                        bucket["tiles"] += 1
+                        bucket["images"].add(meta["image"]["id"])
+                    annotators.update(meta["annotation"]["authors"])
+                    if meta["annotation"]["reviewer"]:
+                        reviewers.add(meta["annotation"]["reviewer"])
+                    if meta["model_version"]:
+                        model_versions.add(meta["model_version"]["version"])
                 report(done)
             writer.close()
             manifest = {
@@ -395,7 +546,14 @@ def _build(export: Export, progress_callback) -> tuple[str, dict]:
                 "filters": filters,
                 "split": filters["split"],
                 "split_seed": (filters["split"] or {}).get("seed"),
-                "naming": "one item per tile: <image stem>, or <image stem>_x<x>_y<y> when the image has several tiles",
+                "layout": layout,
+                "naming": (
+                    "one item per tile: <image stem>, or <image stem>_x<x>_y<y> when the image has several tiles"
+                    if layout == "tile" else
+                    f"one item per image (<image stem>), nuclei stitched across tiles, in image pixels; PanNuke: "
+                    f"{PANNUKE_PATCH}x{PANNUKE_PATCH} patches <image stem>_x<x>_y<y> cut from the stitched maps"
+                ),
+                "ownership": "a nucleus belongs to the tile that holds its centroid (docs/exports.md)",
                 "losses": LOSSES[export.format],
                 "counts": {
                     "tiles": len(annotations),
@@ -416,6 +574,10 @@ def _build(export: Export, progress_callback) -> tuple[str, dict]:
                 },
                 "tiles": tiles_meta,
             }
+            if layout == "image":
+                manifest["images"] = images_meta
+                manifest["left_out"] = left_out
+                manifest["counts"]["items"] = len(plan)
             sink.write("README.md", dataset_card(manifest))
             manifest["files"] = dict(sorted(sink.files.items()))
             sink.write_json("manifest.json", manifest)
@@ -425,7 +587,7 @@ def _build(export: Export, progress_callback) -> tuple[str, dict]:
         with open(zip_path, "rb") as fh:
             stored = default_storage.save(stored_name, File(fh, name=stored_name))
         zip_bytes = zip_path.stat().st_size
-    summary = {k: v for k, v in manifest.items() if k not in ("tiles", "files")}
+    summary = {k: v for k, v in manifest.items() if k not in ("tiles", "files", "images")}
     summary["archive"] = {"files": len(manifest["files"]) + 1, "bytes": zip_bytes}
     return stored, summary
 

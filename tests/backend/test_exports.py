@@ -123,7 +123,11 @@ def curated(team):
     return build_curated(team)
 
 
-def export_zip(project, fmt: str, tmp_path, filters=None, user=None) -> tuple[Export, Path]:
+def export_zip(project, fmt: str, tmp_path, filters=None, user=None, layout="tile") -> tuple[Export, Path]:
+    """These tests check the per-tile layout (names, per-tile provenance); the image layout (the
+    default) has its own tests in test_image_truth.py."""
+    filters = dict(filters or {})
+    filters["options"] = {"layout": layout, **(filters.get("options") or {})}
     export = create_export(project=project, format=fmt, filters=filters, created_by=user)
     export = run_export(export_id=export.pk)
     assert export.status == "succeeded", export.error
