@@ -13,3 +13,14 @@ def classes_used_by_annotations(sender, *, project, class_ids: set[int], **_kwar
         if used == class_ids:
             break
     return used
+
+
+def on_annotation_saved(sender, *, annotation, **_kwargs) -> None:
+    """images.signals.annotation_saved: an accepted version changes its image's stitched nuclei
+    (``truth.py``); rebuild them on the cpu queue."""
+    from backend.common.jobs import enqueue_on_commit
+
+    from .services import accepted_statuses
+
+    if annotation.status in accepted_statuses(annotation.tile.project):
+        enqueue_on_commit("karyo.cpu.stitch_image", annotation.tile.image_id)  # images.tasks.stitch_image

@@ -209,3 +209,33 @@ def test_cpm15_imported_in_tiles_exports_its_2905_nuclei_once_in_every_format(tm
             for name, mask in masks.items():
                 features = json.loads((unzip(path) / "geojson" / f"{name}.geojson").read_text())["features"]
                 assert len(features) == nuclei_in(mask), name
+
+
+# --- the stored table (backend.images.truth) -------------------------------------------------------
+
+def test_the_stored_table_follows_the_accepted_versions_and_a_nucleus_across_a_border_is_stored_once(
+        tiled_project, django_capture_on_commit_callbacks):
+    from django.core.files.storage import default_storage
+
+    from backend.images.models import Image
+    from backend.images.services import create_annotation
+    from backend.images.truth import stitched_name, stitched_nuclei
+
+    project, masks = tiled_project
+    image = Image.objects.get(project=project, name="he_0000.png")
+    mask = masks["he_0000"]
+    nuclei = stitched_nuclei(image=image)
+    assert len(nuclei) == nuclei_in(mask) and default_storage.exists(stitched_name(image_id=image.pk))
+    assert same_up_to_relabelling(label_window(nuclei, x=0, y=0, w=160, h=160), mask)
+
+    # A nucleus drawn over the border of the first two tiles (x 0..64 and 48..112, y 0..64) on a
+    # background spot; each tile's new version holds the part it sees.
+    spot = next((x, y) for y in range(4, 56) for x in range(50, 58) if not mask[y - 3 : y + 4, x - 8 : x + 9].any())
+    drawn = mask.copy()
+    drawn[spot[1] - 3 : spot[1] + 4, spot[0] - 8 : spot[0] + 9] = 999
+    with django_capture_on_commit_callbacks(execute=True):
+        for tile in Tile.objects.filter(image=image, y=0, x__in=[0, 48]):
+            create_annotation(tile=tile, instances=drawn[0:64, tile.x : tile.x + 64], author=None)
+    nuclei = stitched_nuclei(image=image)
+    assert len(nuclei) == nuclei_in(mask) + 1
+    assert same_up_to_relabelling(label_window(nuclei, x=0, y=0, w=160, h=160), drawn)
