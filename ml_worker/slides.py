@@ -394,16 +394,26 @@ def _human(n: float) -> str:
     return f"{n:.3g}P"
 
 
-def _check_cost(name: str, cost: int, max_pixels: int | None, what: str) -> None:
+def _check_cost(name: str, cost: int, max_pixels: int | None, what: str, setting: str = "KARYO_MAX_IMAGE_PIXELS") -> None:
     if max_pixels is not None and cost > max_pixels:
         raise SlideError(
             f"{name} is too large: {what} decode to {cost:,} samples ({_human(cost)}), above the limit "
-            f"of {max_pixels:,} ({_human(max_pixels)}, KARYO_MAX_IMAGE_PIXELS); the limit counts every "
+            f"of {max_pixels:,} ({_human(max_pixels)}, {setting}); the limit counts every "
             "pyramid level, samples per pixel and planes"
         )
 
 
-def _inspect_tiff(path: str, name: str, max_pixels: int | None) -> Any:
+class _Limits:
+    """``max_pixels`` bounds files decoded whole (PNG, JPEG, stripped TIFF); ``max_tiled`` bounds
+    tiled files, which are only ever decoded one tile at a time (None: ``max_pixels`` too)."""
+
+    def __init__(self, max_pixels: int | None, max_tiled: int | None) -> None:
+        self.whole = max_pixels
+        self.tiled = max_tiled if max_tiled is not None else max_pixels
+        self.tiled_setting = "KARYO_MAX_SLIDE_PIXELS" if max_tiled is not None else "KARYO_MAX_IMAGE_PIXELS"
+
+
+def _inspect_tiff(path: str, name: str, limits: _Limits) -> Any:
     """Open with tifffile and refuse what cannot be read as one 2-D RGB(A)/gray pyramid.
 
     Returns the open TiffFile (caller closes it)."""
@@ -437,11 +447,13 @@ def _inspect_tiff(path: str, name: str, max_pixels: int | None) -> Any:
             )
         levels = series.levels
         cost = sum(int(np.prod(lv.shape, dtype=np.int64)) for lv in levels)
+        tiled = all(lv.keyframe.is_tiled for lv in levels)
         _check_cost(
             name,
             cost,
-            max_pixels,
+            limits.tiled if tiled else limits.whole,
             f"its {len(levels)} level(s) ({page.imagewidth}x{page.imagelength} at level 0, {spp} samples)",
+            limits.tiled_setting if tiled else "KARYO_MAX_IMAGE_PIXELS",
         )
         size = os.path.getsize(path)
         for lv in levels:
@@ -464,6 +476,7 @@ def open_slide(
     path: str | os.PathLike[str],
     *,
     max_pixels: int | None = None,
+    max_tiled_pixels: int | None = None,
     default_mpp: float | None = None,
 ) -> SlideReader:
     """Open ``path`` with OpenSlide, tifffile or Pillow (in that order of preference).
@@ -471,6 +484,8 @@ def open_slide(
     Args:
         path: a slide or image file.
         max_pixels: refuse files whose decoded cost (all levels, samples, planes) exceeds it.
+        max_tiled_pixels: the same limit for tiled files (slide pyramids), which are never
+            decoded whole; None = ``max_pixels``.
         default_mpp: reported as ``.mpp`` when the file has no resolution metadata (the
             project's working resolution); ``.mpp_from_metadata`` tells which one it is.
 
@@ -488,24 +503,25 @@ def open_slide(
         raise SlideError(f"{name} is empty")
 
     reader: SlideReader | None = None
+    limits = _Limits(max_pixels, max_tiled_pixels)
     if head[:4] in _TIFF_MAGIC:
-        tf = _inspect_tiff(p, name, max_pixels)
+        tf = _inspect_tiff(p, name, limits)
         # OME-TIFF keeps its pyramid in SubIFDs and its pixel size in OME-XML, neither of
         # which OpenSlide's generic TIFF driver reads: tifffile handles those.
-        reader = None if tf.is_ome else _try_openslide(p, name, max_pixels)
+        reader = None if tf.is_ome else _try_openslide(p, name, limits)
         if reader is None:
             reader = _TiffReader(p, tf)
         else:
             tf.close()
     else:
-        reader = _try_openslide(p, name, max_pixels)
+        reader = _try_openslide(p, name, limits)
         if reader is None:
             reader = _open_pillow(p, name, max_pixels)
     reader._mpp_default = default_mpp
     return reader
 
 
-def _try_openslide(p: str, name: str, max_pixels: int | None) -> SlideReader | None:
+def _try_openslide(p: str, name: str, limits: _Limits) -> SlideReader | None:
     import openslide
 
     fmt = openslide.OpenSlide.detect_format(p)
@@ -519,11 +535,13 @@ def _try_openslide(p: str, name: str, max_pixels: int | None) -> SlideReader | N
         raise SlideError(f"{name} looks like a {fmt} slide but OpenSlide cannot open it: {e}") from e
     cost = sum(w * h * 3 for w, h in r.level_dimensions)
     try:
+        # OpenSlide reads tile by tile whatever the format.
         _check_cost(
             name,
             cost,
-            max_pixels,
+            limits.tiled,
             f"its {r.level_count} level(s) ({r.dimensions[0]}x{r.dimensions[1]} at level 0, RGB)",
+            limits.tiled_setting,
         )
     except SlideError:
         r.close()

@@ -82,7 +82,8 @@ def open_image_reader(image: Image):
         if entry is not None:
             _readers.move_to_end(key)
             return entry
-    reader = open_slide(local_path(image.file.name), max_pixels=settings.KARYO_MAX_IMAGE_PIXELS)
+    reader = open_slide(local_path(image.file.name), max_pixels=settings.KARYO_MAX_IMAGE_PIXELS,
+                       max_tiled_pixels=settings.KARYO_MAX_SLIDE_PIXELS)
     entry = (reader, threading.Lock())
     with _lock:
         if key in _readers:  # another thread opened it meanwhile

@@ -235,7 +235,8 @@ def _check_readable(path: Path, name: str) -> str:
     from ml_worker.slides import SlideError, open_slide
 
     try:
-        with open_slide(path, max_pixels=settings.KARYO_MAX_IMAGE_PIXELS) as reader:
+        with open_slide(path, max_pixels=settings.KARYO_MAX_IMAGE_PIXELS,
+                       max_tiled_pixels=settings.KARYO_MAX_SLIDE_PIXELS) as reader:
             return str(reader.format)
     except SlideError as exc:
         message = str(exc)

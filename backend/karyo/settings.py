@@ -166,6 +166,9 @@ STORAGES = {
 
 # --- Uploads ---------------------------------------------------------------------------
 KARYO_MAX_IMAGE_PIXELS = env_int("KARYO_MAX_IMAGE_PIXELS", 100_000_000, minimum=1)
+# Tiled slide pyramids are only ever decoded a tile at a time, so their limit (samples over every
+# level) can be far higher: the default admits a 150k x 150k RGB slide with its pyramid (~90 G).
+KARYO_MAX_SLIDE_PIXELS = env_int("KARYO_MAX_SLIDE_PIXELS", 200_000_000_000, minimum=1)
 # Pillow's decompression-bomb limit (89.5 M pixels by default) follows Karyo's, in every process
 # that loads these settings (web, workers): an image Karyo accepts is never refused by Pillow.
 _PILImage.MAX_IMAGE_PIXELS = KARYO_MAX_IMAGE_PIXELS

@@ -325,13 +325,21 @@ def test_a_truncated_slide_ends_failed_with_the_reason_and_no_tiles(slide_projec
     assert not [n for n in stored_names() if n.startswith(("images/", "thumbnails/", "uploads/"))]
 
 
+def test_a_tiled_slide_far_above_the_image_limit_is_accepted_under_the_slide_limit(slide_project, api, slide_path,
+                                                                                  settings):
+    settings.KARYO_MAX_IMAGE_PIXELS = 1_000_000  # a PNG of this size would be refused
+    response = upload_bytes(api("admin"), slide_project, "ok.svs", slide_path.read_bytes())
+    assert response.status_code in (200, 201), response.content
+
+
 def test_a_slide_over_the_pixel_limit_counting_every_level_is_refused(slide_project, api, slide_path, settings):
     # Level 0 alone (3072 x 2048 x 3 samples = 18.9 M) fits; with the pyramid's levels it does not.
-    settings.KARYO_MAX_IMAGE_PIXELS = 20_000_000
+    # A tiled pyramid is held to the slide limit (it is never decoded whole), not the image one.
+    settings.KARYO_MAX_SLIDE_PIXELS = 20_000_000
     response = upload_bytes(api("admin"), slide_project, "big.svs", slide_path.read_bytes())
     assert response.status_code == 400, response.content
     message = response.json()["error"]["message"]
-    assert "big.svs" in message and "20" in message
+    assert "big.svs" in message and "20" in message and "KARYO_MAX_SLIDE_PIXELS" in message
     print("too large:", message)
     assert_nothing_made(slide_project)
 
@@ -381,7 +389,6 @@ def test_web_process_memory_does_not_grow_with_the_slide(local_storage, slide_pr
     process stays near one part, not the file or the image."""
     from ml_worker.slides import write_pyramidal_tiff
 
-    settings.KARYO_MAX_IMAGE_PIXELS = 400_000_000  # 8000^2 x 3 samples x 4/3 for the pyramid
 
     path = tmp_path / "big.svs"
     write_pyramidal_tiff(path, width=8000, height=8000, mpp=0.5, tile=256, seed=3, tissue_fraction=0.05)

@@ -183,6 +183,10 @@ def test_it_rejects_a_slide_whose_decoded_cost_over_all_levels_exceeds_max_pixel
         open_slide(slide_path, max_pixels=level0 + 1)  # level 0 alone would fit
     assert f"{total:,}" in str(e.value) and f"{level0 + 1:,}" in str(e.value)
     open_slide(slide_path, max_pixels=total).close()
+    # A separate, higher limit for tiled pyramids (decoded a tile at a time).
+    open_slide(slide_path, max_pixels=level0 + 1, max_tiled_pixels=total).close()
+    with pytest.raises(SlideError, match="KARYO_MAX_SLIDE_PIXELS"):
+        open_slide(slide_path, max_pixels=None, max_tiled_pixels=level0 + 1)
 
 
 def test_it_rejects_a_tiff_with_300_samples_per_pixel(tmp_path):
