@@ -491,7 +491,7 @@ class AdaptiveStrategy(FixesStrategy):
         emb = _check_embeddings(self.name, embeddings, n)
         prio = self.priority(scores, costs)
         m = 0 if labelled_embeddings is None else len(labelled_embeddings)
-        k_eff = n if k is None else min(int(k), n)
+        k_eff = min(n, 64) if k is None else min(int(k), n)  # no batch size: a first batch of 64, then by rate
         n_unc = int(round(self.uncertain_share(m) * k_eff))
         picked = _one_per_cluster(emb, prio, n_unc, self.pool_factor, seed) if n_unc else []
         if len(picked) < k_eff:

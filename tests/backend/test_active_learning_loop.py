@@ -163,13 +163,15 @@ def test_the_loop_trains_predicts_ranks_retrains_and_streams_progress(loop_proje
     assert len(run.epoch_metrics) == 2 and "dice" in run.epoch_metrics[-1]["val"]
     v1 = ModelVersion.objects.get(training_run=run)
     assert v1.status == ModelStatus.ACTIVE and "first model" in v1.status_reason
+    assert v1.metrics["calibration"]["temperature"] > 0  # fitted on the frozen validation split
 
     # Promotion chains predict (every tile) and rank (the unlabelled ones).
     wait_until(lambda: Prediction.objects.filter(model_version=v1).count() == len(tiles), what="predictions", worker=worker)
     wait_until(lambda: QueueEntry.objects.filter(project=project, model_version=v1).count() == len(tiles) - 2,
                what="the ranked queue", worker=worker)
     prediction = Prediction.objects.filter(model_version=v1).first()
-    assert {"entropy", "margin", "boundary"} <= set(prediction.uncertainty) and len(prediction.embedding) > 0
+    assert {"entropy", "margin", "boundary", "expected_fixes"} <= set(prediction.uncertainty)
+    assert len(prediction.embedding) > 0
 
     # Two annotators asking at once get different tiles.
     results: dict[str, int] = {}
