@@ -239,3 +239,74 @@ def test_the_stored_table_follows_the_accepted_versions_and_a_nucleus_across_a_b
     nuclei = stitched_nuclei(image=image)
     assert len(nuclei) == nuclei_in(mask) + 1
     assert same_up_to_relabelling(label_window(nuclei, x=0, y=0, w=160, h=160), drawn)
+
+
+# --- imports in image coordinates (backend.exports.image_annotations) --------------------------------
+
+@pytest.fixture
+def unannotated_copy(tmp_path):
+    """The same generated images in a second project, tiled 64/16, without annotations."""
+    synth.write_dataset(tmp_path / "bare", 3, kind="he", size=160, seed=3)
+    (tmp_path / "bare" / "masks").rename(tmp_path / "bare-masks")
+    project = Project.objects.create(name="bare", nucleus_classes=CLASSES, tile_size=64, tile_overlap=16)
+    import_path(path=tmp_path / "bare", project=project)
+    assert not Annotation.objects.filter(tile__project=project).exists()
+    return project
+
+
+@pytest.mark.parametrize("fmt", ["geojson", "coco"])
+def test_an_image_coordinate_file_becomes_tile_versions_and_exports_the_same_nuclei(
+        tiled_project, unannotated_copy, tmp_path, fmt):
+    from backend.exports.image_annotations import import_image_annotations
+
+    project, masks = tiled_project
+    _, zip1 = export_zip(project, fmt, tmp_path, layout="image")
+    summary = import_image_annotations(project=unannotated_copy, path=zip1)
+    assert summary.images == 3 and summary.nuclei == sum(nuclei_in(m) for m in masks.values())
+    assert summary.tiles == 27  # the manifest's annotated regions cover every tile
+    _, zip2 = export_zip(unannotated_copy, fmt, tmp_path, layout="image")
+    a, b = items_of(zip1), items_of(zip2)
+    assert sorted(a) == sorted(b) == sorted(masks)
+    for name in a:
+        assert same_up_to_relabelling(a[name][1], b[name][1]) and same_up_to_relabelling(b[name][1], masks[name]), name
+
+
+def _square(x0, y0, size=6):
+    return [[x0, y0], [x0 + size, y0], [x0 + size, y0 + size], [x0, y0 + size], [x0, y0]]
+
+
+def test_bad_image_coordinate_files_are_refused_whole_with_every_offending_object(unannotated_copy, tmp_path):
+    from backend.common.errors import InvalidUpload
+    from backend.exports.image_annotations import import_image_annotations
+
+    folder = tmp_path / "bad"
+    (folder / "geojson").mkdir(parents=True)
+
+    def feature(ring, fid):
+        return {"type": "Feature", "id": fid, "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "annotation", "classification": {"name": "nucleus"}}}
+
+    features = [
+        feature(_square(10, 10), "fine"),
+        feature(_square(150, 150, 20), "outside"),  # reaches x = 170 on a 160-px image
+        feature(_square(40, 40, 10), "first"),
+        feature(_square(45, 45, 10), "second"),  # overlaps "first"
+        feature([[80, 80], [90, 90], [90, 80], [80, 90], [80, 80]], "bowtie"),  # self-intersecting
+    ]
+    (folder / "geojson" / "he_0000.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    (folder / "annotations").mkdir()
+    (folder / "annotations" / "instances.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "no_such_image.png", "width": 160, "height": 160}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [sum(_square(5, 5), [])], "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "nucleus"}],
+    }))
+    with pytest.raises(InvalidUpload) as caught:
+        import_image_annotations(project=unannotated_copy, path=folder)
+    message = str(caught.value.detail)
+    assert "nothing imported" in message
+    assert "feature 1 (id outside)" in message and "outside the 160x160 image" in message
+    assert "feature 2 (id first) and geojson/he_0000.geojson feature 3 (id second) overlap" in message
+    assert "feature 4 (id bowtie): self-intersecting polygon" in message
+    assert "'no_such_image.png'" in message and "no image of project 'bare'" in message
+    assert "id fine" not in message
+    assert not Annotation.objects.filter(tile__project=unannotated_copy).exists()
