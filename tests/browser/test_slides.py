@@ -378,7 +378,7 @@ def test_the_overlay_draws_a_view_of_a_100000_nucleus_slide_within_a_frame_budge
     print(f"  moving the last frame while the view animates: median {result['moving_frame_median_ms']} ms")
     # Bounds with room for a loaded 2-core CI machine (the figures above are what counts); the
     # first version, one path for every outline, took ~1,400 ms for the densest view here.
-    assert max(view["median_ms"] for view in result["views"]) < 150, result
+    assert max(view["median_ms"] for view in result["views"]) < 300, result
     assert result["moving_frame_median_ms"] < 30, result
 
 

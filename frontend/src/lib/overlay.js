@@ -273,9 +273,12 @@ export function drawOverlay(ctx, { transform, rect, dpr = 1, cache, gridMode = "
       ctx.globalAlpha = gridMode === "uncertainty" ? 0.35 : quiet ? 0.06 : 0.16;
       ctx.fillStyle = color;
       ctx.fill();
-      ctx.globalAlpha = 0.7;
-      ctx.strokeStyle = color;
-      ctx.stroke();
+      // Tiles a few pixels wide are a mesh of borders: only their fill shows then.
+      if (k * group[0].w >= 8 * dpr) {
+        ctx.globalAlpha = 0.7;
+        ctx.strokeStyle = color;
+        ctx.stroke();
+      }
       drawn.tiles += group.length;
     }
   }

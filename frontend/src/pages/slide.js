@@ -107,7 +107,7 @@ export async function render(main, { config, socket }) {
   const toolbar = h("div", { class: "slide-toolbar" },
     h("div", { class: "tabs" }, modeButtons),
     h("label", { class: "check" }, outlineToggle, " Nuclei outlines"),
-    legendBox, h("div", { class: "spacer" }), status);
+    legendBox, status);
   const viewerEl = h("div", { class: "slide-viewer", id: "slide-viewer", "data-testid": "slide-viewer" });
   replace(body, toolbar, viewerEl,
     tiles.length ? null : h("p", { class: "muted" }, "No tiles on this slide (no tissue found above the project's minimum tissue fraction)."));
@@ -204,6 +204,7 @@ export async function render(main, { config, socket }) {
     if (state.fetching) parts.push("Loading outlines…");
     if (state.hover) parts.push(`Tile ${state.hover.id} (${state.hover.status || "unlabelled"}${typeof state.hover.score === "number" ? `, score ${state.hover.score.toFixed(3)}` : ""}): click to open it.`);
     status.textContent = parts.join(" ");
+    status.title = status.textContent;
   }
 
   let timer = null;
