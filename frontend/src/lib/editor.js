@@ -34,6 +34,9 @@ export function loadLabelStudio(assets) {
 
 const nextFrame = () => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
 
+// Label Studio's label buttons under the image (the class names), in pixels.
+const LABEL_BAR = 48;
+
 export class NucleusEditor {
   /**
    * el: container; options: {config, imageUrl, result, taskId, user, readOnly, onChange}
@@ -53,7 +56,10 @@ export class NucleusEditor {
     const host = document.createElement("div");
     host.className = "ls-host";
     this.el.replaceChildren(host);
-    host.style.setProperty("--tile-display-width", `${this.displayWidth()}px`);
+    const setWidth = () => host.style.setProperty("--tile-display-width", `${this.displayWidth()}px`);
+    setWidth();
+    this.onResize = setWidth;
+    window.addEventListener("resize", this.onResize);
     const loaded = new Promise((resolve, reject) => {
       const timeout = setTimeout(() => reject(new Error("The editor did not start within 60 s.")), 60000);
       this.app = new LabelStudio(host, {
@@ -90,13 +96,25 @@ export class NucleusEditor {
     return this;
   }
 
-  // The tile as large as fits (Label Studio would show it at its natural size: tiny for 128 px).
+  // The tile as large as fits the panel's width and the window's height below the sticky top
+  // bar (the workspace scrolls the page head away: fitTheView). It used to keep room for the
+  // page head too, which left a 512 px tile 590 px wide in a 1000 px panel.
   displayWidth() {
     const { width = 512, height = 512 } = this.options;
-    const availableWidth = Math.max(200, this.el.clientWidth - 32);
-    const top = this.el.getBoundingClientRect().top + window.scrollY;
-    const availableHeight = Math.max(300, window.innerHeight - Math.min(top, 220) - 90);
+    const availableWidth = Math.max(200, this.el.clientWidth - 56); // Label Studio's zoom tools sit to the right
+    const topbar = document.querySelector(".topbar")?.offsetHeight ?? 0;
+    const availableHeight = Math.max(300, window.innerHeight - topbar - LABEL_BAR - 24);
     return Math.floor(Math.min(availableWidth, (availableHeight * width) / height));
+  }
+
+  // Scroll so the editor starts just below the top bar when the tile would not fit otherwise.
+  fitTheView() {
+    const wrap = this.el.parentElement ?? this.el;
+    const topbar = document.querySelector(".topbar")?.offsetHeight ?? 0;
+    const box = wrap.getBoundingClientRect();
+    if (box.top < topbar || box.top + this.displayWidth() + LABEL_BAR > window.innerHeight) {
+      window.scrollTo({ top: Math.max(0, box.top + window.scrollY - topbar - 8) });
+    }
   }
 
   async waitFor(predicate, timeout, what) {
@@ -139,6 +157,7 @@ export class NucleusEditor {
   }
 
   destroy() {
+    if (this.onResize) window.removeEventListener("resize", this.onResize);
     try {
       this.app?.destroy?.();
     } catch {

@@ -146,6 +146,7 @@ export async function render(main, { config }) {
       window.karyoEditor = editor; // a handle for debugging and the browser tests
       await editor.mount(LabelStudio);
       if (state.editor !== editor) return;
+      editor.fitTheView();
       state.openedAt = performance.now();
       const record = {
         tile: tileId, nuclei: payload.nuclei, points: payload.result.reduce((n, r) => n + r.value.points.length, 0),
