@@ -105,8 +105,7 @@ def dataset_card(manifest: dict) -> str:
 
 - Exported by Karyo {manifest['karyo_version']} on {manifest['created_at']} (export {manifest.get('export_id')}, by {manifest.get('created_by') or 'the command line'})
 - **Licence:** {project.get('licence') or 'not stated — ask the project owner before reuse'}
-- Format: **{manifest['format']}**; tile size {project['tile_size']} px; one item per annotated tile
-  (named after its image, with `_x<x>_y<y>` when the image has several tiles)
+- Format: **{manifest['format']}**; tile size {project['tile_size']} px; {manifest.get('naming') or 'one item per annotated tile'}
 - Split: {split_text}
 
 ## Counts

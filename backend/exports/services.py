@@ -1,9 +1,12 @@
 """Curated data set exports (Celery, queue ``cpu``) and imports of uploaded archives.
 
-An export takes, per tile, the annotation version chosen by the filters, writes the items
-tile by tile into a zip on disk through the format's writer, adds the dataset card
-(``README.md``) and ``manifest.json`` (provenance + sha256 of every file), then streams the zip
-into storage. Nothing holds more than one tile in memory.
+An export takes, per tile, the annotation version chosen by the filters, writes the items into
+a zip on disk through the format's writer, adds the dataset card (``README.md``) and
+``manifest.json`` (provenance + sha256 of every file), then streams the zip into storage.
+Layout ``image`` (the default): one item per image, its tiles' versions stitched into whole
+nuclei (``backend.images.stitching``); one image is in memory at a time, and images over
+``IMAGE_LAYOUT_MAX_PIXELS`` are left out (listed in the manifest). Layout ``tile``: one item per
+tile, one tile in memory at a time.
 """
 from __future__ import annotations
 

@@ -39,7 +39,9 @@ LOSSES = {
     ],
     "geojson": [
         "none for the masks: one Polygon (with holes) or MultiPolygon per nucleus, vertices on pixel corners",
-        "coordinates are those of the exported tile image (images/NAME.png), not of the whole slide",
+        "coordinates are those of images/NAME.png: the whole image in the image layout (the default; level-0 "
+        "pixels unless the image's resolution differs from the working one, see manifest images[].pixels), "
+        "the tile in the tile layout",
     ],
 }
 
