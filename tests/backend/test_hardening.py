@@ -202,3 +202,17 @@ def test_a_nucleus_class_name_that_is_not_short_text_is_a_400(api, team, name):
     assert error["message"].startswith("nucleus_classes:")
     team["project"].refresh_from_db()
     assert all(isinstance(c["name"], str) and c["name"] != str(name) for c in team["project"].nucleus_classes)
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"width": 1e9}, "width"), ({"epochs": 1e30}, "epochs"), ({"loss": "bogus"}, "loss"), ({"patience": -1}, "patience"),
+])
+def test_absurd_or_unknown_training_config_is_refused_at_once_naming_the_option(api, team, config, field):
+    # Accepted, then failing later in the worker, before issue 13 (the bounds come from the engine catalog).
+    response = api("admin").post(f"/api/projects/{team['project'].pk}/training-runs/",
+                                 json.dumps({"architecture": "unet", "config": config}), content_type="application/json")
+    error = assert_error_shape(response, 400)
+    assert field in error["message"], error
+    from backend.ml.models import TrainingRun
+
+    assert not TrainingRun.objects.exists()
