@@ -384,8 +384,10 @@ def test_the_overlay_draws_a_view_of_a_100000_nucleus_slide_within_a_frame_budge
 
 @pytest.mark.skipif(not os.environ.get("KARYO_BENCH_SLIDE_UPLOAD"), reason="opt-in benchmark: KARYO_BENCH_SLIDE_UPLOAD=<side px>")
 def test_benchmark_a_big_slide_through_the_upload_page(slide_project, open_session, start_worker, tmp_path):
-    """Opt-in: ``KARYO_BENCH_SLIDE_UPLOAD=10000 KARYO_UPLOAD_CHUNK_BYTES=8388608 KARYO_MAX_IMAGE_PIXELS=...``
-    uploads a generated slide of that side through the page and prints upload and ingest times."""
+    """Opt-in: ``KARYO_BENCH_SLIDE_UPLOAD=40000 KARYO_UPLOAD_CHUNK_BYTES=8388608`` uploads a generated
+    slide of that side through the page and prints upload, ingest and viewer times. Measured here
+    (loopback, 2 loaded cores): 40,000² (235 MB, 30% tissue) written in 180 s, uploaded in 5.6 s
+    (42 MB/s), ready 17.4 s after the drop (8,836 of 24,649 tiles kept), viewer sharp in 2.6 s."""
     side = int(os.environ["KARYO_BENCH_SLIDE_UPLOAD"])
     project = slide_project["project"]
     path = tmp_path / f"bench-{side}.svs"
