@@ -41,6 +41,11 @@ class Budget:
     warmup_iters: int
     reference_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     split_seed: int = 0
+    # Typed nuclei: every softmax model is also trained on a generated typed set
+    # (``synth.write_dataset(typed=True)``) with the same schedule and scored by mPQ / bPQ; 0 = off.
+    typed_images: int = 0
+    typed_size: int = 128
+    typed_kind: str = "he"
 
     def to_dict(self) -> dict[str, Any]:
         d = json.loads(json.dumps(dataclasses.asdict(self)))
@@ -60,7 +65,11 @@ class Budget:
         )
         text += (f"validation {self.val_fraction:g} of the training images, early stopping patience {self.patience}"
                  if self.val_fraction > 0 else "no validation (last epoch evaluated)")
-        return text + f"; test {self.test_fraction:g} of the images"
+        text += f"; test {self.test_fraction:g} of the images"
+        if self.typed_images:
+            text += (f"; typed set: {self.typed_images} generated '{self.typed_kind}' images of {self.typed_size}px "
+                     f"(same split and schedule), mPQ / bPQ")
+        return text
 
 
 _REFERENCE = {"unet": {"width": 64}, "dssnet": {}}
@@ -107,6 +116,47 @@ BUDGETS: dict[str, Budget] = {
         warmup_iters=1,
         reference_kwargs=_REFERENCE,
     ),
+    "standard": Budget(
+        name="standard",
+        description=(
+            "designed to fit about an hour on a 2-core CPU with --preset fast (not timed yet): mid-size "
+            "models, 10 epochs x 64 patches of 128px with a validation split and early stopping, "
+            "PGU-net+ learning rates 10x the paper's because of the short run, and a generated typed set for mPQ"
+        ),
+        tile_size=128,
+        batch_size=4,
+        epochs=10,
+        patches_per_epoch=64,
+        lr=1e-3,
+        augment="default",
+        model_kwargs={
+            "unet": {"width": 16, "depth": 4},
+            "pgunet_plus": {"width": 16, "num_stages": 3, "core_depth": 2},
+            "unet_sharp": {"base_channels": 16, "layers": [1, 1, 2, 1], "cardinality": 8, "width_per_group": 4,
+                           "stem_channels": 16, "branch_channels": 16, "decoder_channels": 32, "aspp_channels": 32},
+            "dssnet": {},
+            "hspnet": {"depth": 18, "base_channels": 32, "layers": [2, 2, 2, 2], "ds_channels": 64,
+                       "head_channels": 32},
+            "multihead_unet": {"width": 16, "depth": 4},
+            PEER: {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2},
+        },
+        epochs_per_stage=3,
+        stage_lr_new=1e-3,
+        stage_lr_old=1e-5,
+        test_fraction=0.2,
+        val_fraction=0.2,
+        patience=4,
+        eval_tile=256,
+        throughput_sizes=(256, 512),
+        throughput_batches=(8, 4),
+        throughput_max_iters=3,
+        throughput_min_time_s=1.0,
+        warmup_batch=1,
+        warmup_iters=1,
+        reference_kwargs=_REFERENCE,
+        typed_images=24,
+        typed_size=192,
+    ),
     "full": Budget(
         name="full",
         description=(
@@ -143,6 +193,8 @@ BUDGETS: dict[str, Budget] = {
         warmup_batch=8,
         warmup_iters=2,
         reference_kwargs=_REFERENCE,
+        typed_images=48,
+        typed_size=256,
     ),
     "smoke": Budget(
         name="smoke",
@@ -178,5 +230,7 @@ BUDGETS: dict[str, Budget] = {
         warmup_batch=1,
         warmup_iters=1,
         reference_kwargs={"unet": {"width": 64, "depth": 2}, "dssnet": {}},
+        typed_images=3,
+        typed_size=64,
     ),
 }

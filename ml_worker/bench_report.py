@@ -52,8 +52,9 @@ def format_table(result: dict[str, Any]) -> str:
         "",
     ]
     b1, b2 = b["throughput_batches"]
+    typed = any("typed" in r for r in result["rows"])
     hdr = (f"{'model':<22} {'params':>9} {'GFLOPs':>8} {f'tiles/s@{s1} b{b1}':>15} {f'tiles/s@{s2} b{b2}':>15} "
-           f"{'Dice':>6} {'AJI':>6} {'PQ':>6} {'mAP':>6} {'train s':>8}")
+           f"{'Dice':>6} {'AJI':>6} {'PQ':>6} {'mAP':>6} {'train s':>8}" + (f" {'mPQ':>6} {'bPQ':>6}" if typed else ""))
     lines += [hdr, "-" * len(hdr)]
     for r in result["rows"] + result["references"]:
         m = r.get("metrics") or {}
@@ -66,6 +67,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"{_fmt(r.get(f'tiles_per_s_{s1}'), '.2f'):>15} {_fmt(r.get(f'tiles_per_s_{s2}'), '.2f'):>15} "
             f"{_fmt(m.get('dice'), '.3f'):>6} {_fmt(m.get('aji'), '.3f'):>6} {_fmt(m.get('pq'), '.3f'):>6} "
             f"{_fmt(m.get('dsb_map'), '.3f'):>6} {_fmt(r.get('train_s'), '.0f'):>8}"
+            + (f" {_fmt((r.get('typed') or {}).get('mpq'), '.3f'):>6} "
+               f"{_fmt((r.get('typed') or {}).get('bpq'), '.3f'):>6}" if typed else "")
         )
     for r in result["rows"]:
         m = r.get("metrics") or {}
@@ -109,6 +112,24 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{key.upper()}: best Karyo model {x['best_karyo']} {x['best_karyo_value']:.3f} vs MONAI UNet "
                 f"{x['monai_value']:.3f} -> {'beats' if x['beats_monai'] else 'does NOT beat'} MONAI"
             )
+    for key in ("aji", "pq"):
+        k = f"best_karyo_vs_baselines_{key}"
+        if k in c:
+            x = c[k]
+            others = ", ".join(f"{n} {v:.3f}" for n, v in x["baselines"].items())
+            lines.append(f"{key.upper()} target: best Karyo {x['best_karyo']} {x['best_karyo_value']:.3f} vs {others}: "
+                         f"margin {x['margin']:+.3f} (target >= +0.05): {'MET' if x['target_met'] else 'NOT MET'}")
+    if "best_karyo_dice" in c:
+        x = c["best_karyo_dice"]
+        lines.append(f"Dice target: best Karyo {x['best_karyo']} {x['dice']:.3f} (target >= 0.82): "
+                     f"{'MET' if x['target_met'] else 'NOT MET'}")
+    if typed:
+        scored = [r for r in result["rows"] if (r.get("typed") or {}).get("mpq") is not None]
+        if scored:
+            best = max(scored, key=lambda r: r["typed"]["mpq"])
+            lines.append(f"typed set (mPQ/bPQ columns: the same models trained on the generated typed images): best "
+                         f"mPQ {best['name']} {best['typed']['mpq']:.3f} (target >= 0.5): "
+                         f"{'MET' if best['typed']['mpq'] >= 0.5 else 'NOT MET'}")
     lines.append(f"wall time: {result['wall_time_s']:.0f} s")
     return "\n".join(lines)
 

@@ -192,6 +192,13 @@ def test_bench_smoke_writes_json_and_png_with_every_row(tmp_path: Path) -> None:
         if r["kind"] != "baseline":
             assert r["params"] > 0 and r["gflops_256"] > 0
             assert r["tiles_per_s_64"] > 0 and r["tiles_per_s_128"] > 0
+    # the typed phase: every softmax model (not the sigmoid multi-head one) also scored by mPQ / bPQ
+    for r in result["rows"]:
+        if r["kind"] != "baseline" and r["name"] != "multihead_unet":
+            assert 0.0 <= r["typed"]["mpq"] <= 1.0 and 0.0 <= r["typed"]["bpq"] <= 1.0, r["name"]
+    assert "typed" not in next(r for r in result["rows"] if r["name"] == "multihead_unet")
+    assert {"best_karyo_vs_baselines_aji", "best_karyo_vs_baselines_pq", "best_karyo_dice"} <= set(
+        result["comparisons"])
     assert {r["name"] for r in result["references"]} == {"unet@ref", "dssnet@ref"}
     assert {"reference_dssnet_vs_unet", "trained_dssnet_vs_unet", "best_karyo_vs_monai_aji",
             "best_karyo_vs_monai_pq"} <= set(result["comparisons"])
@@ -202,6 +209,7 @@ def test_bench_smoke_writes_json_and_png_with_every_row(tmp_path: Path) -> None:
     for name in names:
         assert name in p.stdout
     assert "budget 'smoke'" in p.stdout and "MONAI" in p.stdout and "dssnet/unet" in p.stdout
+    assert "mPQ" in p.stdout and "(target >= 0.5)" in p.stdout and "(target >= +0.05)" in p.stdout
 
 
 def test_bench_missing_data_is_a_one_line_error(tmp_path: Path) -> None:
