@@ -19,8 +19,14 @@ distance-transform watershed) on the same images. Prints one table and the compa
 MONAI UNet on AJI and PQ), and writes ``bench.json`` and ``bench.png`` to ``--out``.
 
 Budgets: ``quick`` (small models, short training, single timed batch; < 10 min on a 2-core
-CPU), ``full`` (the architectures' reference configurations, long training with early
-stopping; for a GPU or a long run) and ``smoke`` (tiny everything; tests). When the
+CPU), ``standard`` (mid-size models, a validation split, the typed set; designed for about an
+hour on a 2-core CPU with ``--preset fast``, not yet timed), ``full`` (the architectures'
+reference configurations, long training with early stopping; for a GPU or a long run) and
+``smoke`` (tiny everything; tests). ``--preset paper`` / ``both`` adds each seed
+architecture's paper preset as a row ``arch:paper`` (see :func:`_preset_parts`). With a
+budget's ``typed_images``, every softmax model is trained again on a generated typed data set
+and scored by mPQ / bPQ (:func:`_typed_phase`). The issue-15 targets are printed with
+MET / NOT MET. When the
 trained models are smaller than the reference configurations (``quick``, ``smoke``),
 throughput is also measured for ``unet`` at its reference width 64 and ``dssnet`` at its
 default configuration (untrained: speed does not depend on the weights), and both
