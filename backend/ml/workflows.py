@@ -346,7 +346,7 @@ def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progre
                 status=RunStatus.SUCCEEDED, progress=1.0, finished_at=timezone.now(), model_version=model_version
             )
             if ok:
-                promote(model_version=model_version, reason=reason + note)
+                promote(model_version=model_version, reason=reason + note + class_note)
                 after_promotion(project=project, model_version=model_version)
     if why is not None:
         return _finish_stopped(run=run, project=project, why=why)
