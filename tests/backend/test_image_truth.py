@@ -310,3 +310,13 @@ def test_bad_image_coordinate_files_are_refused_whole_with_every_offending_objec
     assert "'no_such_image.png'" in message and "no image of project 'bare'" in message
     assert "id fine" not in message
     assert not Annotation.objects.filter(tile__project=unannotated_copy).exists()
+
+
+def test_the_import_command_puts_a_geojson_onto_the_projects_images(tiled_project, unannotated_copy, tmp_path, capsys):
+    from django.core.management import call_command
+
+    project, masks = tiled_project
+    _, path = export_zip(project, "geojson", tmp_path, layout="image")
+    call_command("import_dataset", str(path), "--project", "bare", "--onto-images")
+    total = sum(nuclei_in(m) for m in masks.values())
+    assert f"imported {total} nuclei onto 3 images of 'bare' (27 tile versions)" in capsys.readouterr().out

@@ -28,15 +28,32 @@ class Command(BaseCommand):
         parser.add_argument("--tile-size", type=int, default=None,
                             help="tile size for a new project (default: from a Karyo manifest, else 256)")
         parser.add_argument("--user", default=None, help="author of the imported annotations (username)")
+        parser.add_argument("--onto-images", action="store_true",
+                            help="QuPath GeoJSON / COCO nuclei in image coordinates for images already in the project "
+                                 "(matched by checksum or name): new versions on the tiles they cover")
 
     def handle(self, *args, path: Path, project: str, format: str | None, status: str, tile_size: int | None,
-               user: str | None, **options):
+               user: str | None, onto_images: bool = False, **options):
         author = None
         if user:
             author = get_user_model().objects.filter(username=user).first()
             if author is None:
                 raise CommandError(f"no user named {user!r}")
         target = Project.objects.filter(name=project).first()
+        if onto_images:
+            from backend.exports.image_annotations import import_image_annotations
+
+            if target is None:
+                raise CommandError(f"no project named {project!r} (--onto-images needs its images)")
+            try:
+                result = import_image_annotations(project=target, path=path, author=author, status=status)
+            except KaryoError as exc:
+                raise CommandError(str(exc.detail)) from None
+            self.stdout.write(self.style.SUCCESS(
+                f"imported {result.nuclei} nuclei onto {result.images} images of {project!r} "
+                f"({result.tiles} tile versions)"
+            ))
+            return
 
         def progress(done: int, total: int) -> None:
             width = 30
