@@ -61,14 +61,26 @@ def fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
-@pytest.fixture(autouse=True)
-def empty_cache():
-    """Throttle counters (failed logins) live in the shared cache: every test starts without any."""
+def _clear_cache() -> None:
     from django.core.cache import cache
 
-    cache.clear()
+    if cache.__class__.__name__ == "RedisCache":
+        # Services mode shares one Redis database with the broker and the channel layer: delete only
+        # the cache's own (prefixed) keys, never FLUSHDB.
+        client = cache._cache.get_client(None, write=True)
+        keys = list(client.scan_iter(match=f"{cache.key_prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    else:
+        cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    """Throttle counters (failed logins) and cached tile PNGs live in the shared cache: every test starts without any."""
+    _clear_cache()
     yield
-    cache.clear()
+    _clear_cache()
 
 
 @pytest.fixture(autouse=True)

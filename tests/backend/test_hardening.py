@@ -216,3 +216,17 @@ def test_absurd_or_unknown_training_config_is_refused_at_once_naming_the_option(
     from backend.ml.models import TrainingRun
 
     assert not TrainingRun.objects.exists()
+
+
+def test_the_schema_validates_with_fail_on_warn_and_documents_the_error_shape(tmp_path):
+    import yaml
+    from django.core.management import call_command
+
+    target = tmp_path / "schema.yml"
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(target))
+    schema = yaml.safe_load(target.read_text())
+    assert schema["components"]["schemas"]["Error"]["required"] == ["error"]
+    login = schema["paths"]["/api/auth/token/"]["post"]["responses"]
+    assert {"400", "413", "429", "500"} <= set(login)
+    tile = schema["components"]["schemas"]["Tile"]["properties"]
+    assert tile["latest_version"].get("nullable") and tile["annotation_status"].get("nullable")
