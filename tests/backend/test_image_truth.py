@@ -320,3 +320,39 @@ def test_the_import_command_puts_a_geojson_onto_the_projects_images(tiled_projec
     call_command("import_dataset", str(path), "--project", "bare", "--onto-images")
     total = sum(nuclei_in(m) for m in masks.values())
     assert f"imported {total} nuclei onto 3 images of 'bare' (27 tile versions)" in capsys.readouterr().out
+
+
+def test_a_nucleus_drawn_in_the_workspace_across_a_tile_border_is_one_nucleus_of_the_image(team, tmp_path):
+    """Through the workspace's API as the annotator: each tile's submission holds the part it
+    shows; the image's stitched nuclei and a COCO export hold the nucleus once, whole."""
+    from backend.common import geometry
+    from backend.images.models import Image
+    from backend.images.truth import stitched_nuclei
+    from tests.backend.conftest import client_for
+
+    project = team["project"]  # tile size 64, no overlap
+    project.require_review = False
+    project.save(update_fields=["require_review"])
+    synth.write_dataset(tmp_path / "wide", 1, kind="he", size=(64, 128), seed=2)
+    (tmp_path / "wide" / "masks").rename(tmp_path / "wide-masks")
+    import_path(path=tmp_path / "wide", project=project)
+    image = Image.objects.get(project=project)
+    left, right = Tile.objects.filter(image=image).order_by("x")
+    assert (left.x, right.x) == (0, 64)
+
+    def box(x0, y0, x1, y1):
+        points = geometry.to_percent(np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], float), 64, 64)
+        return {"id": "drawn1", "type": "polygonlabels", "from_name": "nuclei", "to_name": "image",
+                "value": {"points": points, "polygonlabels": ["nucleus"]}}
+
+    client = client_for(team["users"]["annotator"])
+    for tile, region in ((left, box(50, 20, 64, 30)), (right, box(0, 20, 8, 30))):
+        response = client.post(f"/api/tiles/{tile.pk}/regions/", {"base": {"kind": "empty"}, "regions": [region],
+                                                                   "status": "submitted"}, format="json")
+        assert response.status_code == 201, response.content
+    nuclei = stitched_nuclei(image=image)
+    assert [(n.bbox, n.area, n.tile_id) for n in nuclei] == [((50, 20, 72, 30), 220, left.pk)]
+    _, path = export_zip(project, "coco", tmp_path, {"status": "submitted"}, layout="image")
+    coco = json.loads((unzip(path) / "annotations" / "instances.json").read_text())
+    assert [a["area"] for a in coco["annotations"]] == [220]
+    assert [a["bbox"] for a in coco["annotations"]] == [[50, 20, 22, 10]]
