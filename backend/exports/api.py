@@ -86,6 +86,10 @@ class DatasetImportView(APIView):
         serializer = ImportSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        if data.get("onto_images"):
+            answer = services.import_image_upload(project=project, upload=data["file"], status=data["status"],
+                                                  author=request.user)
+            return Response(answer, status=status.HTTP_201_CREATED)
         summary = services.import_upload(project=project, upload=data["file"], format=data.get("format"),
                                          status=data["status"], author=request.user)
         return Response(summary.as_dict(), status=status.HTTP_201_CREATED if summary.images else status.HTTP_200_OK)

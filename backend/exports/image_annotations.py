@@ -61,6 +61,7 @@ class _Source:
     origin: str
     sha256: str | None
     shapes: list[_Shape] = field(default_factory=list)
+    format: str = "geojson"
 
 
 @dataclass
@@ -69,9 +70,14 @@ class ImageAnnotationsSummary:
     tiles: int
     nuclei: int
     per_image: dict[str, int]
+    format: str  # "geojson", "coco" or "coco+geojson"
+    project: str
 
     def as_dict(self) -> dict:
-        return {"images": self.images, "tiles": self.tiles, "nuclei": self.nuclei, "per_image": self.per_image}
+        """In the shape of a data set import's answer (``ImportResultSerializer``): no image is
+        created; ``tiles`` and ``annotations`` are the tile versions written."""
+        return {"images": self.images, "duplicates": 0, "tiles": self.tiles, "annotations": self.tiles,
+                "nuclei": self.nuclei, "format": self.format, "project": self.project, "created_project": False}
 
 
 def _image_bytes_sha(root: Path, stem: str) -> str | None:
@@ -133,7 +139,7 @@ def _read_sources(root: Path, problems: list[str]) -> list[_Source]:
                 continue
             stem = Path(str(entry["file_name"])).stem
             source = _Source(str(entry["file_name"]), f"{rel} image {entry['file_name']!r} (id {entry.get('id')})",
-                             _image_bytes_sha(root, stem))
+                             _image_bytes_sha(root, stem), format="coco")
             by_image[entry.get("id")] = source
             sources.append(source)
         for ann in data["annotations"]:
@@ -340,4 +346,5 @@ def import_image_annotations(*, project: Project, path: Path, author=None, statu
         _remove_files(written, [])
         raise
     return ImageAnnotationsSummary(images=len(plans), tiles=tiles_written, nuclei=sum(per_image.values()),
-                                   per_image=per_image)
+                                   per_image=per_image, format="+".join(sorted({s.format for s in sources})),
+                                   project=project.name)

@@ -46,6 +46,9 @@ class ImportSerializer(serializers.Serializer):
                                      help_text="Default: detected from the archive.")
     status = serializers.ChoiceField(choices=[AnnotationStatus.SUBMITTED, AnnotationStatus.REVIEWED],
                                      default=AnnotationStatus.REVIEWED)
+    onto_images = serializers.BooleanField(
+        default=False, help_text="The zip holds QuPath GeoJSON / COCO nuclei in image coordinates for images already "
+        "in the project (matched by checksum or name): they become versions of the tiles they cover.")
 
 
 class ImportResultSerializer(serializers.Serializer):

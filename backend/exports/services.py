@@ -652,3 +652,21 @@ def import_upload(*, project: Project, upload, format: str | None = None, status
         tmp.flush()
         return import_path(path=Path(tmp.name), project=project, format=format, status=status, author=author,
                            label=upload.name)
+
+
+def import_image_upload(*, project: Project, upload, status: str = AnnotationStatus.REVIEWED, author=None) -> dict:
+    """Import an uploaded zip of QuPath GeoJSON / COCO nuclei in image coordinates onto the
+    project's images (``image_annotations``); the answer has the shape of :func:`import_upload`'s."""
+    from .image_annotations import import_image_annotations
+
+    if upload.size > settings.KARYO_MAX_UPLOAD_BYTES:
+        raise InvalidUpload(f"{upload.name}: the upload exceeds {settings.KARYO_MAX_UPLOAD_BYTES:,} bytes", code="upload_too_large")
+    if hasattr(upload, "temporary_file_path"):
+        return import_image_annotations(project=project, path=Path(upload.temporary_file_path()), status=status,
+                                        author=author, label=upload.name).as_dict()
+    with tempfile.NamedTemporaryFile(dir=work_dir(), suffix=".zip") as tmp:
+        for chunk in upload.chunks():
+            tmp.write(chunk)
+        tmp.flush()
+        return import_image_annotations(project=project, path=Path(tmp.name), status=status, author=author,
+                                        label=upload.name).as_dict()

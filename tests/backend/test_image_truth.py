@@ -319,7 +319,7 @@ def test_the_import_command_puts_a_geojson_onto_the_projects_images(tiled_projec
     _, path = export_zip(project, "geojson", tmp_path, layout="image")
     call_command("import_dataset", str(path), "--project", "bare", "--onto-images")
     total = sum(nuclei_in(m) for m in masks.values())
-    assert f"imported {total} nuclei onto 3 images of 'bare' (27 tile versions)" in capsys.readouterr().out
+    assert f"imported {total} nuclei (geojson) onto 3 images of 'bare' (27 tile versions)" in capsys.readouterr().out
 
 
 def test_a_nucleus_drawn_in_the_workspace_across_a_tile_border_is_one_nucleus_of_the_image(team, tmp_path):
@@ -356,3 +356,39 @@ def test_a_nucleus_drawn_in_the_workspace_across_a_tile_border_is_one_nucleus_of
     coco = json.loads((unzip(path) / "annotations" / "instances.json").read_text())
     assert [a["area"] for a in coco["annotations"]] == [220]
     assert [a["bbox"] for a in coco["annotations"]] == [[50, 20, 22, 10]]
+
+
+def test_the_imports_api_puts_image_coordinate_nuclei_onto_the_projects_images(team, tiled_project, tmp_path):
+    from tests.backend.conftest import client_for
+
+    source, masks = tiled_project
+    _, path = export_zip(source, "geojson", tmp_path, layout="image")
+    synth.write_dataset(tmp_path / "bare", 3, kind="he", size=160, seed=3)
+    (tmp_path / "bare" / "masks").rename(tmp_path / "bare-masks")
+    project = team["project"]  # tile size 64, no overlap: 3 x 3 tiles per image
+    import_path(path=tmp_path / "bare", project=project)
+    url = f"/api/projects/{project.pk}/imports/"
+    with open(path, "rb") as fh:
+        refused = client_for(team["users"]["annotator"]).post(url, {"file": fh, "onto_images": "true"})
+    assert refused.status_code == 403
+    with open(path, "rb") as fh:
+        response = client_for(team["users"]["admin"]).post(url, {"file": fh, "onto_images": "true"})
+    assert response.status_code == 201, response.content
+    body = response.json()
+    total = sum(nuclei_in(m) for m in masks.values())
+    assert (body["images"], body["tiles"], body["nuclei"], body["format"]) == (3, 27, total, "geojson")
+
+    bad = tmp_path / "bad.zip"
+    import zipfile
+
+    with zipfile.ZipFile(bad, "w") as archive:
+        archive.writestr("geojson/he_0001.geojson", json.dumps({"type": "FeatureCollection", "features": [
+            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [0, 400], [9, 9], [0, 0]]]},
+             "properties": {}}]}))
+    before = Annotation.objects.filter(tile__project=project).count()
+    with open(bad, "rb") as fh:
+        response = client_for(team["users"]["admin"]).post(url, {"file": fh, "onto_images": "true"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_annotations" and "outside the 160x160 image" in error["message"]
+    assert Annotation.objects.filter(tile__project=project).count() == before

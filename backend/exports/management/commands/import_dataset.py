@@ -50,7 +50,7 @@ class Command(BaseCommand):
             except KaryoError as exc:
                 raise CommandError(str(exc.detail)) from None
             self.stdout.write(self.style.SUCCESS(
-                f"imported {result.nuclei} nuclei onto {result.images} images of {project!r} "
+                f"imported {result.nuclei} nuclei ({result.format}) onto {result.images} images of {project!r} "
                 f"({result.tiles} tile versions)"
             ))
             return
