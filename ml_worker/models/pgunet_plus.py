@@ -20,11 +20,11 @@ the default after construction).
 Level ``l`` (0 = finest, ``L = num_stages - 1 + core_depth`` levels + bottleneck) has
 ``width·2^l`` channels, so at the last stage this is a depth-``L`` U-Net (depth 4 by
 default, like the baseline). The outermost active level reads the image through a 1×1
-"from-RGB" conv (as in progressive GANs): that is how the stage-1 core reads the 32×32
-image and later reads the features of the level added around it (the from-RGB convs of inner
-levels are then frozen). With ``pyramid_input=True`` (Karyo's addition, the ``fast``
-preset) every active level also adds its own from-RGB view of the image resampled to its
-scale.
+"from-RGB" conv (as in progressive GANs); every inner level reads the max-pooled features of
+the level outside it. So the stage-1 core reads the 32×32 image, and once a level is added
+around it, it reads that level's features instead (its from-RGB conv is then unused and
+frozen). With ``pyramid_input=True`` (Karyo's addition, the ``fast`` preset) every active
+level also adds its own from-RGB view of the image resampled to its scale.
 
 Shapes at the last stage for input (B, C, H, W) and width w:
     level l encoder:  (B, w·2^l, H/2^l, W/2^l),  bottleneck (B, w·2^L, H/2^L, W/2^L)
