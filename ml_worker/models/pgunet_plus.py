@@ -22,9 +22,10 @@ Level ``l`` (0 = finest, ``L = num_stages - 1 + core_depth`` levels + bottleneck
 default, like the baseline). The outermost active level reads the image through a 1×1
 "from-RGB" conv (as in progressive GANs); every inner level reads the max-pooled features of
 the level outside it. So the stage-1 core reads the 32×32 image, and once a level is added
-around it, it reads that level's features instead (its from-RGB conv is then unused and
-frozen). With ``pyramid_input=True`` (Karyo's addition, the ``fast`` preset) every active
-level also adds its own from-RGB view of the image resampled to its scale.
+around it, it reads that level's features instead: with ``pyramid_input=False`` (the paper
+preset) its from-RGB conv is then unused and frozen; with ``pyramid_input=True`` (the
+default, Karyo's addition, the ``fast`` preset) every active level adds its own from-RGB view
+of the image resampled to its scale to those features.
 
 Shapes at the last stage for input (B, C, H, W) and width w:
     level l encoder:  (B, w·2^l, H/2^l, W/2^l),  bottleneck (B, w·2^L, H/2^L, W/2^L)
