@@ -7,6 +7,8 @@ The training and prediction workflows run in the test process (the worker's code
 Postgres and storage), with a tiny U-Net on 64-px tiles."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -21,6 +23,7 @@ from backend.projects.services import create_project
 from ml_worker import synth
 from tests.backend.conftest import client_for
 from tests.backend.factories import encode, finish_ingest
+from tests.backend.test_exports import export_zip, items_of, unzip
 
 # transaction=True: the run's heartbeat thread writes through its own connection.
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -73,7 +76,7 @@ def train_and_predict(project) -> tuple:
     return version, list(Prediction.objects.filter(model_version=version).order_by("tile_id"))
 
 
-def test_a_three_class_project_trains_a_typed_model_whose_predictions_carry_project_classes(make_user):
+def test_a_three_class_project_trains_a_typed_model_whose_predictions_carry_project_classes(make_user, tmp_path):
     admin = make_user("alice", is_staff=True)
     project = annotated_project(admin, name="Typed", nucleus_classes=CLASSES)
 
@@ -121,8 +124,8 @@ def test_a_three_class_project_trains_a_typed_model_whose_predictions_carry_proj
         assert region["value"]["polygonlabels"] == [names[class_id]]
         assert region["score"] == pytest.approx(confidence)
 
-    # Accepting the draft unchanged keeps the predicted classes on the new annotation (and so in
-    # every export and the next training run).
+    # Accepting the draft unchanged keeps the predicted classes on the new annotation, and so in
+    # every export (here the PNG one, per tile) and the next training run.
     response = client_for(admin).post(
         f"/api/tiles/{prediction.tile_id}/regions/",
         {"base": {"kind": "prediction", "id": prediction.pk}, "regions": [], "deleted": [], "merges": []},
@@ -131,6 +134,13 @@ def test_a_three_class_project_trains_a_typed_model_whose_predictions_carry_proj
     assert response.status_code == 201, response.content
     saved = Annotation.objects.get(pk=response.json()["id"])
     assert saved.classes == {k: v[0] for k, v in prediction.classes.items()}
+    _, archive = export_zip(project, "png", tmp_path, {"status": "submitted"})
+    (entry,) = [t for t in json.loads((unzip(archive) / "manifest.json").read_text())["tiles"]
+                if t["annotation"]["id"] == saved.pk]
+    raw = read_label_map(saved.mask.name)
+    expected = {new: names[saved.classes[str(int(old))]]
+                for new, old in enumerate([i for i in np.unique(raw) if i], start=1)}
+    assert items_of(archive)[entry["name"]][2] == expected
 
 
 def test_a_one_class_project_stays_binary(make_user):
