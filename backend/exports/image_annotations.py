@@ -131,6 +131,9 @@ def _read_sources(root: Path, problems: list[str]) -> list[_Source]:
         if data is None:
             continue
         rel = path.relative_to(root).as_posix()
+        if not all(isinstance(data[key], list) for key in ("images", "annotations", "categories")):
+            problems.append(f"{rel}: images, annotations and categories must be lists")
+            continue
         names = {c.get("id"): str(c.get("name")) for c in data["categories"] if isinstance(c, dict)}
         by_image: dict[object, _Source] = {}
         for entry in data["images"]:
@@ -171,9 +174,12 @@ def _read_sources(root: Path, problems: list[str]) -> list[_Source]:
     return sources
 
 
+MAX_RING_VERTICES = 20_000
+
+
 def _crossing_rings(ring: np.ndarray) -> bool:
     """True when two non-adjacent edges of the ring properly cross (touching at a vertex, as a
-    pixel-corner outline may, is not a crossing)."""
+    pixel-corner outline may, is not a crossing). Edges are compared in blocks (memory ~ block x n)."""
     a = np.asarray(ring, dtype=np.float64)
     n = len(a)
     if n < 4:
@@ -183,14 +189,16 @@ def _crossing_rings(ring: np.ndarray) -> bool:
     def orient(o, s, t):
         return np.sign((s[..., 0] - o[..., 0]) * (t[..., 1] - o[..., 1]) - (s[..., 1] - o[..., 1]) * (t[..., 0] - o[..., 0]))
 
-    p1, q1 = p[:, None, :], q[:, None, :]
-    p2, q2 = p[None, :, :], q[None, :, :]
-    d1, d2 = orient(p1, q1, p2), orient(p1, q1, q2)
-    d3, d4 = orient(p2, q2, p1), orient(p2, q2, q1)
-    crossing = (d1 * d2 < 0) & (d3 * d4 < 0)
     idx = np.arange(n)
-    adjacent = (np.abs(idx[:, None] - idx[None, :]) <= 1) | (np.abs(idx[:, None] - idx[None, :]) == n - 1)
-    return bool((crossing & ~adjacent).any())
+    p2, q2 = p[None, :, :], q[None, :, :]
+    for start in range(0, n, 256):
+        rows = idx[start : start + 256]
+        p1, q1 = p[rows][:, None, :], q[rows][:, None, :]
+        crossing = (orient(p1, q1, p2) * orient(p1, q1, q2) < 0) & (orient(p2, q2, p1) * orient(p2, q2, q1) < 0)
+        gap = np.abs(rows[:, None] - idx[None, :])
+        if (crossing & (gap > 1) & (gap != n - 1)).any():
+            return True
+    return False
 
 
 def _match_images(project: Project, sources: list[_Source], problems: list[str]) -> dict[int, tuple[Image, list[_Source]]]:
@@ -243,6 +251,12 @@ def _nuclei_of(image: Image, sources: list[_Source], resolve, problems: list[str
                     continue
             else:
                 points = np.concatenate([r for rings in shape.polygons for r in rings])
+                if not np.isfinite(points).all():
+                    problems.append(f"{shape.where}: coordinates must be finite numbers")
+                    continue
+                if any(len(r) > MAX_RING_VERTICES for rings in shape.polygons for r in rings):
+                    problems.append(f"{shape.where}: a ring has more than {MAX_RING_VERTICES:,} vertices")
+                    continue
                 outside = (points[:, 0] < 0) | (points[:, 1] < 0) | (points[:, 0] > width) | (points[:, 1] > height)
                 if outside.any():
                     x, y = points[outside][0].tolist()
