@@ -110,6 +110,22 @@ class TilePredictionOverlayView(APIView):
         return response
 
 
+class TileContextView(APIView):
+    @extend_schema(parameters=[OpenApiParameter("size", int, description="longest side of a thumbnail")],
+                   responses={(200, "image/png"): OpenApiTypes.BINARY})
+    def get(self, request, tile_id: int):
+        """The tile with ``context_margin`` pixels of its image around it (dimmed) and the image's
+        stitched nuclei outlined whole (those crossing the tile's border in cyan). The header
+        ``X-Karyo-Context`` gives the frame in the image: ``x,y,w,h,margin``."""
+        from .context import tile_context
+
+        tile = tile_for(request, tile_id)
+        picture, meta = tile_context(tile=tile)
+        response = png_response(services.png_of(picture, size=_size(request)))
+        response["X-Karyo-Context"] = f"{meta['x']},{meta['y']},{meta['w']},{meta['h']},{meta['margin']}"
+        return response
+
+
 class TileUncertaintyView(APIView):
     @extend_schema(parameters=[OpenApiParameter("size", int)], responses={(200, "image/png"): OpenApiTypes.BINARY})
     def get(self, request, tile_id: int):

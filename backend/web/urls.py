@@ -25,6 +25,7 @@ urlpatterns = [
     path("api/tiles/<int:tile_id>/regions/", api.TileRegionsView.as_view(), name="tile-regions"),
     path("api/tiles/<int:tile_id>/prediction.png", api.TilePredictionOverlayView.as_view(), name="tile-prediction-overlay"),
     path("api/tiles/<int:tile_id>/uncertainty.png", api.TileUncertaintyView.as_view(), name="tile-uncertainty"),
+    path("api/tiles/<int:tile_id>/context.png", api.TileContextView.as_view(), name="tile-context"),
     path("api/annotations/<int:annotation_id>/diff/", api.AnnotationDiffView.as_view(), name="annotation-diff"),
     path("api/annotations/<int:annotation_id>/diff.png", api.AnnotationDiffImageView.as_view(), name="annotation-diff-image"),
     path("api/projects/<int:project_id>/summary/", api.ProjectSummaryView.as_view(), name="project-summary"),

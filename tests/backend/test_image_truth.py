@@ -357,6 +357,21 @@ def test_a_nucleus_drawn_in_the_workspace_across_a_tile_border_is_one_nucleus_of
     assert [a["area"] for a in coco["annotations"]] == [220]
     assert [a["bbox"] for a in coco["annotations"]] == [[50, 20, 22, 10]]
 
+    # The workspace's context picture of the left tile: the right tile is its margin (dimmed), and
+    # the nucleus is outlined whole, in the colour of nuclei crossing the border.
+    from backend.web.context import ACROSS, DIM
+
+    response = client.get(f"/api/tiles/{left.pk}/context.png")
+    assert response.status_code == 200 and response["X-Karyo-Context"] == "0,0,128,64,64"
+    picture = np.asarray(PILImage.open(__import__("io").BytesIO(response.content)).convert("RGB"))
+    assert picture.shape == (64, 128, 3)
+    outline = np.all(picture == ACROSS, axis=-1)
+    assert outline[20, 50:72].all() and outline[29, 50:72].all() and not outline[21:29, 51:71].any()
+    original = np.asarray(PILImage.open(tmp_path / "wide" / "images" / f"{image.name}"))[..., :3]
+    assert np.array_equal(picture[40:50, 10:40], original[40:50, 10:40])  # inside the tile: as it is
+    dimmed = (original[40:50, 90:120] * DIM).astype(np.uint8)
+    assert np.abs(picture[40:50, 90:120].astype(int) - dimmed).max() <= 1  # the margin: dimmed
+
 
 def test_the_imports_api_puts_image_coordinate_nuclei_onto_the_projects_images(team, tiled_project, tmp_path):
     from tests.backend.conftest import client_for

@@ -230,6 +230,7 @@ def edit_of_the_annotation(ctx):
 MATRIX.update({
     "tile-regions": {"get": Rule("viewer", 200, tile_kwargs), "post": Rule("annotator", 201, edit_of_the_annotation)},
     "tile-prediction-overlay": {"get": Rule("viewer", 200, tile_kwargs)},
+    "tile-context": {"get": Rule("viewer", 200, tile_kwargs)},
     "tile-uncertainty": {"get": Rule("viewer", 200, tile_with_heat_map)},
     "annotation-diff": {"get": Rule("viewer", 200, annotation_kwargs)},
     "annotation-diff-image": {"get": Rule("viewer", 200, annotation_kwargs)},
