@@ -42,6 +42,11 @@ export async function render(main, { config }) {
   const history = h("div", { "data-testid": "history" }, spinner());
   const recent = h("ul", { class: "recent", "data-testid": "recent" });
   const lsLink = h("div", { class: "small" });
+  // The tile in its image (issue 12): context_margin pixels around it, dimmed; nuclei outlined whole.
+  const contextImg = h("img", { class: "tile-context", "data-testid": "tile-context", alt: "The tile in its image", width: "100%" });
+  const contextNote = h("p", { class: "small muted" },
+    `${project.context_margin ?? 64} px of the image around the tile, dimmed. Outlines: the image's accepted nuclei, whole — `,
+    h("span", { style: "color:#00a8bd;font-weight:600" }, "cyan"), " where they cross the tile's border (each tile stores the part it shows; they are one nucleus of the image).");
   const shortcuts = h("dl", { class: "shortcuts" }, SHORTCUTS.map(([k, v]) => [h("dt", {}, h("kbd", {}, k)), h("dd", {}, v)]));
 
   main.append(
@@ -57,6 +62,7 @@ export async function render(main, { config }) {
         card("Nuclei", h("div", {}, countLine,
           h("p", { class: "small muted" }, "Split a merged pair: draw an outline over one of them — a later outline wins where they overlap. Merge fragments: select them (Ctrl+click) and press G."),
           mergeBtn, mergeList)),
+        card("Context", h("div", {}, contextImg, contextNote)),
         card("History of this tile", history),
         card("Submitted in this session", recent),
         lsLink,
@@ -110,6 +116,7 @@ export async function render(main, { config }) {
     if (push) history_push(tileId);
     replace(editorEl, spinner("Loading the tile…"));
     editorEl.dataset.ready = "0";
+    contextImg.src = `/api/tiles/${tileId}/context.png?size=512`;
     loadHistory(tileId);
     let payload;
     try {
