@@ -76,7 +76,8 @@ class TrainConfig:
         bn_recalibrate: before each validation, recompute the BatchNorm running statistics
             over ``bn_recalibrate_patches`` un-augmented training patches with the weights being
             validated ("precise BN"); the statistics then saved are those.
-        bn_recalibrate_patches: patches for that recalibration.
+        bn_recalibrate_patches: patches for that recalibration (at most as many as an epoch
+            trains on).
         classes: names of the nucleus types (class ids 1..K of the samples' class maps); the
             model then predicts background + K classes (softmax architectures only). None:
             one "nucleus" class (binary), whatever class maps the samples carry.

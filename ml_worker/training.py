@@ -535,8 +535,11 @@ class _Run:
             return None
         with swapped_state(model, self.ema.state if self.ema is not None else None):
             if config.bn_recalibrate:
+                # Never more patches than an epoch trains on: short runs (tests, tiny budgets) would
+                # otherwise spend more time recalibrating than training.
+                n_patches = min(int(config.bn_recalibrate_patches), max(2 * self.bs, self.n_steps * self.bs))
                 recalibrate_batchnorm(model, self.train_samples, self.plan.size(epoch, self.tile),
-                                      normalizer=self.prep, n_patches=int(config.bn_recalibrate_patches),
+                                      normalizer=self.prep, n_patches=n_patches,
                                       batch_size=self.bs, seed=int(config.seed) + epoch, device=self.device)
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
