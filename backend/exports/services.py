@@ -308,9 +308,10 @@ class _ImageGroup:
     height: int
     annotations: list
     items: list[tuple[PlanItem, int, int]]  # (plan item, x, y): the whole image, or PanNuke patches
+    polygons_only: bool = False  # over the pixel limit, GeoJSON: features traced nucleus by nucleus, no image file
 
 
-def _image_plan(project: Project, annotations, split_of: dict | None, *, pannuke: bool):
+def _image_plan(project: Project, annotations, split_of: dict | None, *, pannuke: bool, polygons: bool = False):
     """Group the selected versions by image -> (groups, plan, images left out and why)."""
     by_image: dict[int, list] = {}
     for a in annotations:
@@ -325,6 +326,12 @@ def _image_plan(project: Project, annotations, split_of: dict | None, *, pannuke
         name = f"{stem}-{image.pk}" if len(stems[stem]) > 1 else stem
         scale = level0_per_working_pixel(image, working_mpp=project.working_mpp)
         width, height = max(1, int(image.width / scale)), max(1, int(image.height / scale))
+        split = split_of.get(image_id) if split_of else None
+        if width * height > IMAGE_LAYOUT_MAX_PIXELS and polygons:
+            item = PlanItem(name, split, width, height)
+            plan.append(item)
+            groups.append(_ImageGroup(image, name, split, scale, width, height, anns, [(item, 0, 0)], polygons_only=True))
+            continue
         if width * height > IMAGE_LAYOUT_MAX_PIXELS:
             left_out.append({
                 "image": {"id": image.pk, "name": image.name, "width": image.width, "height": image.height},
@@ -333,7 +340,6 @@ def _image_plan(project: Project, annotations, split_of: dict | None, *, pannuke
                           "pixels (a full-size label map); export it with layout \"tile\"",
             })
             continue
-        split = split_of.get(image_id) if split_of else None
         if pannuke and (width > PANNUKE_PATCH or height > PANNUKE_PATCH):
             rects = [(round(a.tile.x / scale), round(a.tile.y / scale), a.tile.w, a.tile.h) for a in anns]
             items = []
@@ -360,8 +366,8 @@ def _relabel(instances: np.ndarray, classes: dict[int, int]) -> tuple[np.ndarray
     return lut[instances], {new: classes[int(old)] for new, old in enumerate(ids.tolist(), start=1)}
 
 
-def _image_samples(group: _ImageGroup, *, project: Project, default_class: int, keep_classes: set[int], class_names,
-                   chains, predictions, prediction_ids):
+def _image_samples(group: _ImageGroup, *, project: Project, writer, default_class: int, keep_classes: set[int],
+                   class_names, chains, predictions, prediction_ids):
     """Stitch one image's tiles (backend.images.stitching) -> (samples, per-tile metas, image meta)."""
     tiles, raws = [], {}
     for a in group.annotations:
@@ -374,11 +380,16 @@ def _image_samples(group: _ImageGroup, *, project: Project, default_class: int, 
             shared_ids=a.source == AnnotationSource.IMPORTED,
         ))
     nuclei = [n for n in stitch(tiles, default_class=default_class) if not keep_classes or n.class_id in keep_classes]
-    instances = label_window(nuclei, x=0, y=0, w=group.width, h=group.height)
     classes = {k: n.class_id for k, n in enumerate(nuclei, start=1)}
-    rgb = read_image_region(group.image, x=0, y=0, w=group.width, h=group.height, working_mpp=project.working_mpp)
     samples = []
-    for item, x, y in group.items:
+    if group.polygons_only:
+        # Level-0 vertices: drop the file onto the slide in QuPath.
+        writer.add_nuclei(group.name, [(k, n.x0, n.y0, n.crop, n.class_id) for k, n in enumerate(nuclei, start=1)],
+                          scale=group.scale)
+    else:
+        instances = label_window(nuclei, x=0, y=0, w=group.width, h=group.height)
+        rgb = read_image_region(group.image, x=0, y=0, w=group.width, h=group.height, working_mpp=project.working_mpp)
+    for item, x, y in [] if group.polygons_only else group.items:
         if (item.width, item.height) == (group.width, group.height):
             samples.append(ExportSample(name=item.name, image_png=encode_png(np.ascontiguousarray(rgb)),
                                         instances=instances, classes=classes, split=item.split))
@@ -403,6 +414,8 @@ def _image_samples(group: _ImageGroup, *, project: Project, default_class: int, 
                   "width": group.image.width, "height": group.image.height},
         "pixels": {"width": group.width, "height": group.height, "level0_per_pixel": group.scale},
         "annotated_regions": annotated_regions(tiles),
+        "label_map": not group.polygons_only,
+        "image_file": None if group.polygons_only else f"images/{group.name}.png",
         "nuclei": len(nuclei),
         "classes": dict(sorted(Counter(class_names[c] for c in classes.values()).items())),
         "items": [item.name for item, _, _ in group.items],
@@ -469,7 +482,8 @@ def _build(export: Export, progress_callback) -> tuple[str, dict]:
         groups = [[a] for a in annotations]
         left_out: list[dict] = []
     else:
-        groups, plan, left_out = _image_plan(project, annotations, split_of, pannuke=export.format == "pannuke")
+        groups, plan, left_out = _image_plan(project, annotations, split_of, pannuke=export.format == "pannuke",
+                                             polygons=export.format == "geojson")
 
     history = annotation_history(tile_ids=[a.tile_id for a in annotations])
     chains = {a.pk: lineage(a.pk, history) for a in annotations}
@@ -508,7 +522,7 @@ def _build(export: Export, progress_callback) -> tuple[str, dict]:
                     samples, metas, image_meta = [sample], [meta], None
                 else:
                     samples, metas, image_meta = _image_samples(
-                        group, project=project, default_class=default_class, keep_classes=keep_classes, class_names=class_names,
+                        group, project=project, writer=writer, default_class=default_class, keep_classes=keep_classes, class_names=class_names,
                         chains=chains, predictions=predictions, prediction_ids=prediction_ids,
                     )
                     images_meta.append(image_meta)

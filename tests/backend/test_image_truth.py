@@ -407,3 +407,26 @@ def test_the_imports_api_puts_image_coordinate_nuclei_onto_the_projects_images(t
     error = response.json()["error"]
     assert error["code"] == "invalid_annotations" and "outside the 160x160 image" in error["message"]
     assert Annotation.objects.filter(tile__project=project).count() == before
+
+
+def test_an_image_over_the_pixel_limit_gets_a_geojson_traced_nucleus_by_nucleus_and_no_label_map(
+        tiled_project, tmp_path, monkeypatch):
+    from backend.exports import services
+    from backend.exports.formats.geojson import features_to_labels
+    from backend.exports.services import create_export, run_export
+
+    project, masks = tiled_project
+    monkeypatch.setattr(services, "IMAGE_LAYOUT_MAX_PIXELS", 100 * 100)  # the 160-px images are "large"
+    export, path = export_zip(project, "geojson", tmp_path, layout="image")
+    folder = unzip(path)
+    assert not (folder / "images").exists()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["left_out"] == [] and {i["label_map"] for i in manifest["images"]} == {False}
+    for name, mask in masks.items():
+        features = json.loads((folder / "geojson" / f"{name}.geojson").read_text())["features"]
+        assert len(features) == nuclei_in(mask)
+        assert same_up_to_relabelling(features_to_labels(features, 160, 160, name).instances, mask), name
+    assert export.manifest["counts"]["nuclei"] == sum(nuclei_in(m) for m in masks.values())
+
+    png = run_export(export_id=create_export(project=project, format="png", filters={"options": {"layout": "image"}}).pk)
+    assert png.status == "failed" and 'use layout "tile"' in png.error

@@ -133,8 +133,41 @@ def features_to_labels(features: list, height: int, width: int, where: str) -> L
     return Labels(instances=paint(shapes, height, width), classes=classes, colors=colors)
 
 
+def nuclei_to_features(nuclei, class_table: dict[int, ClassDef], *, object_type: str = "annotation", name: str = "",
+                       scale: float = 1.0) -> list[dict]:
+    """Features from stitched nuclei (``(instance id, x0, y0, boolean crop, class id)``), traced
+    crop by crop: no full-size label map. ``scale`` multiplies every vertex (working pixels ->
+    level-0 pixels of a slide whose resolution differs from the working one)."""
+    features = []
+    for index, x0, y0, crop, class_id in nuclei:
+        parts = instance_parts(crop, offset=(x0, y0))
+        polygons = [[_close(p.outer * scale if scale != 1.0 else p.outer)]
+                    + [_close(h * scale if scale != 1.0 else h) for h in p.holes] for p in parts]
+        cls = class_table[class_id]
+        features.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(_NAMESPACE, f"{name}/{index}")),
+            "geometry": ({"type": "Polygon", "coordinates": polygons[0]} if len(polygons) == 1
+                         else {"type": "MultiPolygon", "coordinates": polygons}),
+            "properties": {
+                "objectType": object_type,
+                "classification": {"name": cls.name, "color": hex_to_rgb(cls.color)},
+                "isLocked": False,
+            },
+        })
+    return features
+
+
 class Writer(BaseWriter):
     name = NAME
+
+    def add_nuclei(self, name: str, nuclei, *, scale: float = 1.0) -> None:
+        """A large image: its GeoJSON only (written from the nuclei's crops; no image file)."""
+        features = nuclei_to_features(nuclei, self.class_by_id, object_type=self.object_type, name=name, scale=scale)
+        self.sink.write(
+            f"geojson/{name}.geojson",
+            json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":")) + "\n",
+        )
 
     def __init__(self, sink, **kwargs):
         super().__init__(sink, **kwargs)
