@@ -570,9 +570,10 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
            minimum=0, maximum=1, exclusive_maximum=True, nullable=True),
     Option("bn_recalibrate", "bool", True,
            "recompute BatchNorm statistics with the final weights before validating (steadier curves)"),
-    Option("input_norm", "str", "dataset",
-           "input standardisation: fixed statistics of the training images (same input for a tile and a "
-           "slide) or each image's own (older behaviour)", choices=("dataset", "image")),
+    Option("input_norm", "str", "image",
+           "input standardisation: each image's own channel statistics (robust to stain differences; "
+           "the default) or fixed statistics of the training images (same input for a tile and a slide)",
+           choices=("image", "dataset")),
 )
 
 #: a run's model size, applied to the architecture's ``width_option`` (not a TrainConfig field)

@@ -552,9 +552,10 @@ def _define_patch_dataset() -> type:
             augment: :class:`Augmenter`, config / dict / preset name for one, or None (no
                 augmentation).
             normalizer: the run's :class:`Preprocessing` (its stain normalisation is applied
-                once per image at construction, its channel statistics per patch), or a fitted
-                stain normaliser / None (then each patch is z-scored on its own, the older
-                behaviour).
+                once per image at construction, its channel statistics per patch), or one
+                without statistics / a fitted stain normaliser / None: then each patch is
+                standardised with the channel statistics of the whole sample image it comes
+                from (as inference standardises the image it is given).
             length: items per epoch; default: number of tiles needed to cover all images.
             seed: base seed.
             foreground_bias: probability of centring a patch on a random nucleus pixel instead
@@ -591,6 +592,10 @@ def _define_patch_dataset() -> type:
                 s.image if normalizer is None else normalizer.transform(s.image) for s in self.samples
             ]
             self.class_luts = [s.instance_classes() for s in self.samples]
+            # Without fixed statistics, a patch is standardised with those of the image it is cut
+            # from (what inference does when it is given that image), not its own.
+            fixed = isinstance(normalizer, Preprocessing) and normalizer.mean is not None
+            self.image_stats = None if fixed else [Preprocessing.fit([im]) for im in self.images]
             areas = np.array([s.image.shape[0] * s.image.shape[1] for s in self.samples], float)
             self.weights = areas / areas.sum()
             t = self.tile_size
@@ -641,10 +646,10 @@ def _define_patch_dataset() -> type:
             ins = _crop_padded(inst, y - m, x - m, t + 2 * m, t + 2 * m)
             if self.augmenter is not None:
                 img, ins = self.augmenter(img, ins, rng=rng, out_shape=(t, t))
-            if isinstance(self.normalizer, Preprocessing):
-                x_arr = self.normalizer.standardize(img)
+            if self.image_stats is None:
+                x_arr = self.normalizer.standardize(img)  # type: ignore[union-attr]
             else:
-                x_arr = preprocess(img)
+                x_arr = self.image_stats[i].standardize(img)
             ins_t = torch.from_numpy(np.ascontiguousarray(ins, dtype=np.int64))
             # Semantic target: each nucleus' class (1 for untyped data), from its instance id,
             # so it follows the instances through every augmentation.

@@ -81,10 +81,14 @@ class TrainConfig:
         classes: names of the nucleus types (class ids 1..K of the samples' class maps); the
             model then predicts background + K classes (softmax architectures only). None:
             one "nucleus" class (binary), whatever class maps the samples carry.
-        input_norm: ``dataset`` (per-channel mean / std of the stain-normalised training
-            images, fixed and stored in the checkpoint: a pixel gets the same input value in a
-            training patch, a 256-px tile and a whole slide) or ``image`` (the older per-image
-            z-score, whose statistics depend on the crop).
+        input_norm: ``image`` (default: channel statistics of the image being processed —
+            in training the whole sample image a patch is cut from, at inference the image or
+            tile given; robust to stain and brightness differences between images) or
+            ``dataset`` (per-channel mean / std of the stain-normalised training images, fixed
+            and stored in the checkpoint: a pixel gets the same input value in a patch, a tile
+            and a whole slide). Measured on CPM-15 with 4 labelled 128-px tiles: held-out Dice
+            0.833 with ``image``, 0.433 with ``dataset`` (statistics of 4 tiles do not fit
+            other images), hence the default.
         num_threads: ``torch.set_num_threads`` during training (restored afterwards).
         num_workers: DataLoader worker processes (0 = in process).
         resume: path of a ``last.pt`` to continue from (same run: optimizer, epoch, RNG...).
@@ -131,7 +135,7 @@ class TrainConfig:
     ema_decay: float | None = None
     bn_recalibrate: bool = True
     bn_recalibrate_patches: int = 32
-    input_norm: str = "dataset"
+    input_norm: str = "image"
     classes: list[str] | None = None
     num_threads: int | None = None
     num_workers: int = 0

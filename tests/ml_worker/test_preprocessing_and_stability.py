@@ -66,7 +66,7 @@ def test_predicting_a_large_image_equals_predicting_its_tiles_one_by_one(samples
 
 def test_training_stores_the_input_statistics_and_inference_uses_them(samples: list[Sample], tmp_path: Path) -> None:
     train_s, val_s = split_by_image(samples, 0.25, seed=0)
-    result = train(_config(tmp_path / "run", stain_norm="reinhard"), train_s, val_s)
+    result = train(_config(tmp_path / "run", stain_norm="reinhard", input_norm="dataset"), train_s, val_s)
     _, meta = load_checkpoint(result.best_path)
     stored = meta["preprocess"]
     assert len(stored["mean"]) == 3 and len(stored["std"]) == 3 and stored["stain"]["name"] == "reinhard"
@@ -79,6 +79,19 @@ def test_training_stores_the_input_statistics_and_inference_uses_them(samples: l
     # Statistics are those of the stain-normalised training images (the reference image may
     # differ from the largest one, so compare loosely).
     assert np.allclose(normalizer.mean, expected.mean, atol=0.1)
+
+
+def test_a_training_patch_is_standardised_like_its_whole_image_at_inference(samples: list[Sample]) -> None:
+    from ml_worker.data import PatchDataset
+
+    ds = PatchDataset(samples[:1], tile_size=64, augment=None, length=4, seed=0)
+    whole = preprocess(samples[0].image)  # what inference feeds the model for that image
+    for i in range(4):
+        patch = ds[i]["image"].numpy()
+        # find the patch in the whole image by its first row (patches lie inside a 96-px image)
+        hits = [(y, x) for y in range(0, 33) for x in range(0, 33)
+                if np.allclose(whole[:, y:y + 64, x:x + 64], patch, atol=1e-5)]
+        assert hits, "a training patch must be a crop of the whole image's standardised input"
 
 
 def test_image_input_norm_keeps_the_per_image_zscore(samples: list[Sample], tmp_path: Path) -> None:
