@@ -39,7 +39,7 @@ from backend.projects.models import Project
 
 from .formats.base import IMAGE_SUFFIXES
 from .formats.coco import _json_files, _load_coco
-from .formats.geojson import OBJECT_TYPES, _classification, _geometry_polygons, _geojson_files
+from .formats.geojson import _classification, _geojson_files, _geometry_polygons, nucleus_geometry
 from .importing import _remove_files, dataset_folder
 
 log = logging.getLogger(__name__)
@@ -112,19 +112,15 @@ def _read_sources(root: Path, problems: list[str]) -> list[_Source]:
             if not isinstance(feature, dict) or feature.get("type") != "Feature":
                 problems.append(f"{where}: not a GeoJSON Feature")
                 continue
-            properties = feature.get("properties") or {}
-            kind = properties.get("objectType", "annotation")
-            geometry = feature.get("geometry")
-            if kind == "cell":
-                geometry = properties.get("nucleusGeometry") or geometry
-            elif kind not in OBJECT_TYPES:
+            geometry = nucleus_geometry(feature)
+            if geometry is None:
                 continue
             try:
                 polygons = _geometry_polygons(geometry, where)
             except InvalidUpload as exc:
                 problems.append(str(exc.detail))
                 continue
-            source.shapes.append(_Shape(where, polygons, _classification(properties)[0]))
+            source.shapes.append(_Shape(where, polygons, _classification(feature.get("properties") or {})[0]))
         sources.append(source)
     for path in _json_files(root):
         data = _load_coco(path)

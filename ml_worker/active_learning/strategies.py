@@ -331,16 +331,7 @@ class HybridStrategy(Strategy):
         n = len(scores)
         if n == 0:
             return []
-        if embeddings is None:
-            raise ValueError(
-                f"strategy {self.name!r} needs embeddings (n, D): stack TileAnalysis.embedding "
-                "of the candidates (analyze_tile computes it)"
-            )
-        emb = np.asarray(embeddings, dtype=np.float64)
-        if emb.ndim != 2 or emb.shape[0] != n:
-            raise ValueError(f"embeddings must be ({n}, D) for {n} candidates, got shape {emb.shape}")
-        if not np.all(np.isfinite(emb)):
-            raise ValueError("embeddings contain NaN or inf")
+        emb = _check_embeddings(self.name, embeddings, n)
         prio = self.priority(scores, costs, cost_alpha)
         by_prio = _descending(prio)
         if k is None:

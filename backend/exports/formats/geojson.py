@@ -31,6 +31,17 @@ OBJECT_TYPES = ("annotation", "detection")
 _NAMESPACE = uuid.UUID("6f1d3c2a-5b7e-4d7f-9a51-6b0f4c1e2d3a")
 
 
+def nucleus_geometry(feature: dict) -> dict | None:
+    """The geometry of a QuPath Feature's nucleus: a detection's or annotation's own geometry, a
+    cell's ``nucleusGeometry`` (else its outline); None for object types that are not nuclei."""
+    properties = feature.get("properties") or {}
+    kind = properties.get("objectType", "annotation")
+    geometry = feature.get("geometry")
+    if kind == "cell":
+        return properties.get("nucleusGeometry") or geometry
+    return geometry if kind in OBJECT_TYPES else None
+
+
 def _close(ring: np.ndarray) -> list[list[int]]:
     # Our outer rings turn clockwise in (x, y) numbers; RFC 7946 wants exteriors counter-clockwise.
     points = ring[::-1].tolist()
@@ -113,19 +124,15 @@ def features_to_labels(features: list, height: int, width: int, where: str) -> L
         label = f"{where} feature {number}"
         if not isinstance(feature, dict) or feature.get("type") != "Feature":
             raise problem(label, "not a GeoJSON Feature")
-        properties = feature.get("properties") or {}
-        kind = properties.get("objectType", "annotation")
-        geometry = feature.get("geometry")
-        if kind == "cell":
-            geometry = properties.get("nucleusGeometry") or geometry
-        elif kind not in OBJECT_TYPES:
+        geometry = nucleus_geometry(feature)
+        if geometry is None:
             continue
         origin, crop = polygons_shape(_geometry_polygons(geometry, label), height, width, rule="coco")
         if not crop.any():
             continue
         instance = len(shapes) + 1
         shapes.append((instance, origin, crop))
-        name, color = _classification(properties)
+        name, color = _classification(feature.get("properties") or {})
         if name is not None:
             classes[instance] = name
             if color:
