@@ -703,9 +703,20 @@ def strategy_names() -> list[str]:
     return [s.name for s in STRATEGIES]
 
 
+#: a run's named set-up (``ml_worker.presets``), applied under its own options; not a TrainConfig field
+PRESET_OPTION = Option("preset", "str", None,
+                       "named set-up of the architecture: 'fast' (CPU-sized) or 'paper' (the paper's sizes, "
+                       "loss, optimizer and schedule); the run's own options win; empty: none",
+                       choices=("fast", "paper"), nullable=True)
+#: model-level options a run may set beside ``width`` (they go to ``create_model``)
+_RUN_MODEL_OPTIONS = {WIDTH_OPTION.name: WIDTH_OPTION, PRESET_OPTION.name: PRESET_OPTION,
+                      INSTANCE_HEAD_OPTION.name: INSTANCE_HEAD_OPTION}
+
+
 def run_option_names() -> list[str]:
-    """Keys a training run's config may hold: the training options and ``width``."""
-    return [o.name for o in TRAINING_OPTIONS] + [WIDTH_OPTION.name]
+    """Keys a training run's config may hold: the training options, ``width``, ``preset`` and
+    ``instance_head``."""
+    return [o.name for o in TRAINING_OPTIONS] + list(_RUN_MODEL_OPTIONS)
 
 
 def architecture(name: str | None) -> Architecture:
@@ -770,8 +781,8 @@ def validate_training_options(options: Mapping[str, Any] | None, *, architecture
     arch = _ARCH_BY_NAME[validate_architecture(architecture)] if architecture is not None else None
     clean: dict[str, Any] = {}
     for key, value in options.items():
-        if key == WIDTH_OPTION.name:
-            clean[key] = WIDTH_OPTION.clean(value)
+        if key in _RUN_MODEL_OPTIONS:
+            clean[key] = _RUN_MODEL_OPTIONS[key].clean(value)
         elif key in _TRAINING_BY_NAME:
             clean[key] = _TRAINING_BY_NAME[key].clean(value)
         else:
@@ -791,6 +802,14 @@ def validate_training_options(options: Mapping[str, Any] | None, *, architecture
         if clean.get("width") is not None and arch.width_option is None:
             raise CatalogError(f"width does not apply to {arch.name}; leave it empty", field="width", valid=None,
                                value=clean["width"])
+        preset = clean.get("preset")
+        if preset is not None and preset not in [p.name for p in arch.presets]:
+            valid = [p.name for p in arch.presets]
+            raise CatalogError(f"{arch.name} has no {preset!r} preset; valid: {', '.join(valid)}", field="preset",
+                               valid=valid, value=preset)
+        if clean.get("instance_head") is not None and arch.output != "softmax":
+            raise CatalogError(f"{arch.name} has its own instance outputs; instance_head works with softmax "
+                               "architectures", field="instance_head", valid=None, value=clean["instance_head"])
     return clean
 
 
@@ -830,7 +849,7 @@ def as_dict() -> dict[str, Any]:
         "optimizers": [c.as_dict() for c in OPTIMIZERS],
         "stain_normalizers": [c.as_dict() for c in STAIN_NORMALIZERS],
         "augment_presets": [c.as_dict() for c in AUGMENT_PRESETS],
-        "training_options": [o.as_dict() for o in (*TRAINING_OPTIONS, WIDTH_OPTION)],
+        "training_options": [o.as_dict() for o in (*TRAINING_OPTIONS, *_RUN_MODEL_OPTIONS.values())],
         "scores": [s.as_dict() for s in SCORES],
         "strategies": [s.as_dict() for s in STRATEGIES],
         "default_strategy": DEFAULT_STRATEGY,

@@ -286,12 +286,21 @@ def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progre
         train_samples, val_samples = untyped(train_samples), untyped(val_samples)
     options = dict(run.config)
     width = options.pop("width", None)
+    preset = options.pop("preset", None)
+    head = options.pop("instance_head", None)
+    model_kwargs = catalog.model_kwargs_for(run.architecture, width)  # e.g. HSP-Net's width is base_channels
+    if head:
+        model_kwargs["instance_head"] = head
+    from ml_worker.presets import apply_preset
+
+    # A preset sets the architecture's recipe; the run's own options (and the project's defaults
+    # folded into them) win over it.
+    kwargs = apply_preset(run.architecture, preset, model_kwargs=model_kwargs, **options) if preset else {
+        "arch": run.architecture, "model_kwargs": model_kwargs, **options}
     config = TrainConfig(
-        arch=run.architecture,
-        model_kwargs=catalog.model_kwargs_for(run.architecture, width),  # e.g. HSP-Net's width is base_channels
+        **kwargs,
         out_dir=str(out_dir),
         resume=str(out_dir / "last.pt") if (out_dir / "last.pt").exists() else None,
-        **options,
         classes=[c["name"] for c in typed] or None,
     )
     init = None

@@ -226,3 +226,36 @@ def test_the_queue_stores_the_score_each_strategy_ranks_by(make_user, strategy):
     assert [e.strategy for e in entries] == [strategy] * len(tiles)
     assert [e.score for e in entries] == pytest.approx([expected[e.tile_id] for e in entries])
     assert min(e.score for e in entries) > 0.0  # an untrained model is uncertain everywhere
+
+
+def test_a_run_may_choose_a_preset_and_an_instance_head_that_fit_its_architecture(api, team):
+    project = team["project"]
+    url = f"/api/projects/{project.pk}/training-runs/"
+    error = error_of(api("admin").post(url, {"architecture": "unet", "config": {"preset": "paper"}}, format="json"))
+    assert error["details"]["field"] == "preset" and "unet has no 'paper' preset" in error["message"]
+    error = error_of(api("admin").post(url, {"architecture": "multihead_unet", "config": {"instance_head": "hv"}},
+                                       format="json"))
+    assert error["details"]["field"] == "instance_head"
+    error = error_of(api("admin").post(url, {"architecture": "unet", "config": {"instance_head": "stardust"}},
+                                       format="json"))
+    assert "instance_head must be one of: hv" in error["message"]
+    assert not TrainingRun.objects.filter(project=project).exists()
+    from backend.ml.services import validate_run_config
+
+    config = {"preset": "paper", "instance_head": "hv", "epochs": "1"}
+    assert validate_run_config(config=config, architecture="dssnet") == {"preset": "paper", "instance_head": "hv",
+                                                                          "epochs": 1}
+    # Accepted by the API's validation (this project has nothing to train on yet: a conflict, not a 400).
+    response = api("admin").post(url, {"architecture": "dssnet", "config": config}, format="json")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "conflict"
+
+
+def test_a_runs_preset_and_head_reach_the_engine_under_its_own_options():
+    from ml_worker.presets import apply_preset
+    from ml_worker.training import TrainConfig
+
+    kwargs = apply_preset("dssnet", "paper", model_kwargs={"instance_head": "hv"}, epochs=1)
+    config = TrainConfig(**kwargs)
+    assert config.epochs == 1  # the run's option wins over the preset's
+    assert config.model_kwargs["instance_head"] == "hv"
+    assert config.model_kwargs.get("decoder") == "paper"
