@@ -413,11 +413,15 @@ class _Limits:
         self.tiled_setting = "KARYO_MAX_SLIDE_PIXELS" if max_tiled is not None else "KARYO_MAX_IMAGE_PIXELS"
 
 
-def _inspect_tiff(path: str, name: str, limits: _Limits) -> Any:
+def _inspect_tiff(path: str, name: str, limits: _Limits | int | None) -> Any:
     """Open with tifffile and refuse what cannot be read as one 2-D RGB(A)/gray pyramid.
+    ``limits``: a :class:`_Limits`, or one number (or None) for both kinds of file.
 
     Returns the open TiffFile (caller closes it)."""
     import tifffile
+
+    if not isinstance(limits, _Limits):
+        limits = _Limits(limits, None)
 
     try:
         tf = tifffile.TiffFile(path)
@@ -521,8 +525,11 @@ def open_slide(
     return reader
 
 
-def _try_openslide(p: str, name: str, limits: _Limits) -> SlideReader | None:
+def _try_openslide(p: str, name: str, limits: _Limits | int | None) -> SlideReader | None:
     import openslide
+
+    if not isinstance(limits, _Limits):
+        limits = _Limits(limits, None)
 
     fmt = openslide.OpenSlide.detect_format(p)
     if fmt is None:
