@@ -5,6 +5,8 @@ A new endpoint (or a new method on one) without an entry in MATRIX fails
 """
 from __future__ import annotations
 
+import os
+
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -271,13 +273,21 @@ def completable_upload(ctx):
     return {"upload_id": upload.pk}, {}
 
 
+def incomplete_upload(ctx):
+    return {"upload_id": fresh_upload(ctx).pk}, {}
+
+
+# Uploads go to Karyo in parts with local storage and to presigned S3 URLs with S3 (services
+# mode): an admin gets past the role check either way, to the answer of that mode (a 409 names the
+# other mode; completing an S3 upload whose parts never arrived is a 400 listing them).
+_S3 = os.environ.get("KARYO_TEST_SERVICES") == "1"
 MATRIX.update({
     "upload-create": {"post": Rule("admin", 201, lambda ctx: (project_kwargs(ctx)[0], {"filename": "s.svs", "size": 10}))},
     "upload-detail": {"get": Rule("admin", 200, lambda ctx: ({"upload_id": fresh_upload(ctx).pk}, None))},
-    "upload-chunk": {"put": Rule("admin", 204, upload_part_request)},
-    # Local storage here: an admin gets past the role check to the 409 saying parts go to Karyo, not S3.
-    "upload-parts": {"post": Rule("admin", 409, lambda ctx: ({"upload_id": fresh_upload(ctx).pk}, {"parts": [0]}))},
-    "upload-complete": {"post": Rule("admin", 201, completable_upload)},
+    "upload-chunk": {"put": Rule("admin", 409 if _S3 else 204, upload_part_request)},
+    "upload-parts": {"post": Rule("admin", 200 if _S3 else 409,
+                                  lambda ctx: ({"upload_id": fresh_upload(ctx).pk}, {"parts": [0]}))},
+    "upload-complete": {"post": Rule("admin", 400, incomplete_upload) if _S3 else Rule("admin", 201, completable_upload)},
     "slide-dzi": {"get": Rule("viewer", 200, image_kwargs)},
     "slide-tile": {"get": Rule("viewer", 200, lambda ctx: ({**image_kwargs(ctx)[0], "level": 6, "col": 0, "row": 0}, None))},
     "image-thumbnail": {"get": Rule("viewer", 200, image_kwargs)},
