@@ -19,7 +19,7 @@ import torch
 
 from ml_worker.data import Sample
 
-__all__ = ["WeightEMA", "recalibrate_batchnorm", "swapped_state"]
+__all__ = ["WeightEMA", "recalibrate_batchnorm", "recalibrate_batchnorm_on", "swapped_state"]
 
 
 class WeightEMA:
@@ -85,17 +85,32 @@ def recalibrate_batchnorm(
     mode. ``normalizer`` is the stain normaliser or the :class:`~ml_worker.data.Preprocessing`
     of the run. Returns False (and does nothing) for a model without BatchNorm or frozen BN."""
     from ml_worker.data import PatchDataset
+
+    if not samples or not _batchnorms(model):
+        return False
+    ds = PatchDataset(list(samples), tile_size=int(size), augment=None, normalizer=normalizer,
+                      length=int(n_patches), seed=int(seed))
+    return recalibrate_batchnorm_on(model, ds, batch_size=batch_size, device=device)
+
+
+def _batchnorms(model: Any) -> list[torch.nn.Module]:
+    if getattr(model, "_bn_frozen", False):
+        return []
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def recalibrate_batchnorm_on(model: Any, ds: Any, *, batch_size: int = 16,
+                             device: str | torch.device | None = None) -> bool:
+    """:func:`recalibrate_batchnorm` over every patch of an un-augmented
+    :class:`~ml_worker.data.PatchDataset` built by the caller (a training run keeps one and
+    only changes its seed, instead of re-reading and re-standardising every image each epoch)."""
     from ml_worker.inference import pick_device
 
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if getattr(model, "_bn_frozen", False):
-        bns = []
-    if not bns or not samples:
+    bns = _batchnorms(model)
+    if not bns:
         return False
     dev = device if isinstance(device, torch.device) else pick_device(device)
     model.to(dev)
-    ds = PatchDataset(list(samples), tile_size=int(size), augment=None, normalizer=normalizer,
-                      length=int(n_patches), seed=int(seed))
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()

@@ -90,7 +90,7 @@ from ml_worker.schedule import (
     make_plan,
     stage_sizes,
 )
-from ml_worker.stabilize import WeightEMA, recalibrate_batchnorm, swapped_state
+from ml_worker.stabilize import WeightEMA, recalibrate_batchnorm_on, swapped_state
 from ml_worker.train_config import OPTIMIZERS, STAIN_NORMS, TrainConfig, TrainingError, TrainResult
 
 __all__ = [
@@ -385,6 +385,7 @@ class _Run:
         self.optimizer: torch.optim.Optimizer | None = None
         self.opt_key: str | None = None
         self.ema: WeightEMA | None = None
+        self._bn_datasets: dict[int, Any] = {}
         resume_state = self._load_or_build()
         self.plan = make_plan(config, self.model)
         self.model.to(device)
@@ -527,6 +528,20 @@ class _Run:
             })
         return {k: v / max(n_done, 1) for k, v in sums.items()}
 
+    def _bn_dataset(self, size: int) -> Any:
+        """The un-augmented patches precise BN reads at input ``size``, built once per size (it
+        stain-normalises and measures every training image)."""
+        from ml_worker.data import PatchDataset
+
+        cache = self._bn_datasets
+        if size not in cache:
+            # Never more patches than an epoch trains on: short runs (tests, tiny budgets) would
+            # otherwise spend more time recalibrating than training.
+            n = min(int(self.config.bn_recalibrate_patches), max(2 * self.bs, self.n_steps * self.bs))
+            cache[size] = PatchDataset(self.train_samples, tile_size=size, augment=None, normalizer=self.prep,
+                                       length=n, seed=int(self.config.seed))
+        return cache[size]
+
     def _evaluated_state(self, epoch: int) -> dict[str, torch.Tensor] | None:
         """The weights that are validated and exported: the EMA (when on) with precise-BN
         statistics (when on); None = the model as it is."""
@@ -535,12 +550,9 @@ class _Run:
             return None
         with swapped_state(model, self.ema.state if self.ema is not None else None):
             if config.bn_recalibrate:
-                # Never more patches than an epoch trains on: short runs (tests, tiny budgets) would
-                # otherwise spend more time recalibrating than training.
-                n_patches = min(int(config.bn_recalibrate_patches), max(2 * self.bs, self.n_steps * self.bs))
-                recalibrate_batchnorm(model, self.train_samples, self.plan.size(epoch, self.tile),
-                                      normalizer=self.prep, n_patches=n_patches,
-                                      batch_size=self.bs, seed=int(config.seed) + epoch, device=self.device)
+                ds = self._bn_dataset(self.plan.size(epoch, self.tile))
+                ds.seed = int(config.seed) + epoch  # new patches each epoch, as a fresh dataset would draw
+                recalibrate_batchnorm_on(model, ds, batch_size=self.bs, device=self.device)
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def _end_epoch(self, epoch: int, train_parts: dict[str, float], seconds: float) -> bool:
