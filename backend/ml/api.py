@@ -203,6 +203,7 @@ class RankView(APIView):
         serializer.is_valid(raise_exception=True)
         strategy = serializer.validated_data.get("strategy") or project.al_strategy
         catalog_checked(catalog.validate_strategy, strategy)  # a project saved before the catalog checked it
+        services.check_rank_scores(project=project, strategy=strategy)  # mc_dropout / tta need their extra pass
         transaction.on_commit(lambda: tasks.rank.delay(project.pk, strategy))
         return Response({"queued": True, "strategy": strategy}, status=status.HTTP_202_ACCEPTED)
 

@@ -351,5 +351,34 @@ def unlabelled_tiles(*, project: Project):
     return Tile.objects.filter(project=project).exclude(pk__in=accepted)
 
 
+def check_rank_scores(*, project: Project, strategy: str) -> None:
+    """A strategy that ranks by a score only an extra analysis pass computes (``mc_dropout``,
+    ``tta``) needs the active model's predictions of the unlabelled tiles to carry that score;
+    the pass runs when tiles are predicted for a project whose own strategy needs it. A 400
+    naming the score, how many predictions lack it and the strategies they do support, instead
+    of a ranking task that fails in the worker. No active model: ranking is a random order."""
+    needs = [n for n in catalog.strategy(strategy).needs if n in ("mc_dropout", "tta")]
+    active = ModelVersion.objects.filter(project=project, status=ModelStatus.ACTIVE).first()
+    if not needs or active is None:
+        return
+    key = catalog.score_key(strategy)
+    predictions = Prediction.objects.filter(model_version=active, tile__in=unlabelled_tiles(project=project))
+    lacking = predictions.exclude(uncertainty__has_key=key).count()
+    if not lacking:
+        return
+    total = predictions.count()
+    stored = set().union(*(set(u) for u in predictions.values_list("uncertainty", flat=True)[:50]))
+    usable = [s.name for s in catalog.STRATEGIES if s.score_key in stored
+              and not {"mc_dropout", "tta"} & set(s.needs) - stored]
+    raise KaryoError(
+        f"strategy {strategy!r} ranks by the {key!r} score, which {lacking} of the {total} predictions of "
+        f"model v{active.version} lack: that extra pass runs when tiles are predicted for a project whose strategy "
+        f"needs it (theirs was not {strategy!r}). Set the project's strategy to {strategy!r} so the next promoted "
+        f"model's predictions carry it, or rank now with one of: {', '.join(usable) or 'none'}",
+        code="missing_scores",
+        details={"field": "strategy", "score": key, "lacking": lacking, "predictions": total, "valid": usable},
+    )
+
+
 def recent_events(*, project: Project, limit: int = 50):
     return ProjectEvent.objects.filter(project=project).select_related("actor")[:limit]
