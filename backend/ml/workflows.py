@@ -18,10 +18,9 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, Max
 from django.utils import timezone
 
-from backend.common.storage import StagedWrites, encode_png, read_bytes, read_label_map
-from backend.images.models import Split, Tile
+from backend.common.storage import StagedWrites, encode_png, read_bytes
+from backend.images.models import Tile
 from backend.images.pixels import read_tile_rgb
-from backend.images.selectors import training_annotations
 from backend.projects.models import Project
 from ml_worker import catalog
 
@@ -96,21 +95,16 @@ def class_map(instances: np.ndarray, classes: dict | None, *, model_ids: dict[in
 
 
 def load_samples(*, project: Project) -> tuple[list, list]:
-    """The latest accepted annotation of every tile, as ml_worker Samples, split by the frozen split.
-    In a project with several nucleus classes each sample carries its per-pixel class map (model
-    class ids of :func:`model_classes`), built from the annotation's class per nucleus."""
-    from ml_worker.data import Sample
+    """The image-level truth of the project's annotated regions, as ml_worker Samples split by the
+    frozen split (``training_data.image_samples``): per image, the rectangles its tiles with an
+    accepted version cover, with the image's stitched nuclei (whole across tile borders); pixels
+    outside them are in no sample. In a project with several nucleus classes each sample carries
+    its per-pixel class map (model class ids of :func:`model_classes`)."""
+    from .training_data import image_samples
 
     typed = model_classes(project)
     model_ids = {c["id"]: i for i, c in enumerate(typed, start=1)}
-    train, val = [], []
-    for annotation in training_annotations(project=project).order_by("tile_id"):
-        tile = annotation.tile
-        instances = read_label_map(annotation.mask.name)
-        classes = class_map(instances, annotation.classes, model_ids=model_ids) if typed else None
-        sample = Sample(name=f"tile-{tile.pk}", image=read_tile_rgb(tile), instances=instances, classes=classes)
-        (val if tile.image.split == Split.VAL else train).append(sample)
-    return train, val
+    return image_samples(project=project, model_ids=model_ids if typed else None)
 
 
 def learns_classes(architecture: str) -> bool:

@@ -86,11 +86,15 @@ def test_a_three_class_project_trains_a_typed_model_whose_predictions_carry_proj
     # Model classes are 1..3 in the project's order; every nucleus pixel has one, background none.
     assert {int(v) for s in samples for v in np.unique(s.classes)} <= {0, 1, 2, 3}
     assert all(np.array_equal(s.classes > 0, s.instances > 0) for s in samples)
-    tile_id = int(samples[0].name.split("-")[1])
-    stored = Annotation.objects.filter(tile_id=tile_id).latest("version")
+    # One sample: the whole image (its four annotated tiles are one region), nuclei stitched.
+    assert [s.instances.shape for s in samples] == [(128, 128)]
+    stored = Annotation.objects.filter(tile__project=project).order_by("tile__y", "tile__x").first()
+    mask = read_label_map(stored.mask.name)
     label, class_id = next(iter(stored.classes.items()))
+    tile = stored.tile
+    pixels = samples[0].classes[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w][mask == int(label)]
     expected = [c["id"] for c in CLASSES].index(class_id) + 1
-    assert set(np.unique(samples[0].classes[samples[0].instances == int(label)]).tolist()) == {expected}
+    assert set(np.unique(pixels).tolist()) == {expected}
 
     version, predictions = train_and_predict(project)
     assert version.classes == [{"id": c["id"], "name": c["name"]} for c in CLASSES]
