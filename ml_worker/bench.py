@@ -142,9 +142,11 @@ _BUDGET_TRAIN = frozenset({"epochs", "epochs_per_stage", "steps_per_epoch", "ear
 _BUDGET_TRAIN_CPU = _BUDGET_TRAIN | {"batch_size", "tile_size", "stage_lr_new", "stage_lr_old"}
 
 
-def row_name(arch: str, preset: str) -> str:
-    """``arch`` for the fast preset (the historical row names), ``arch:paper`` otherwise."""
-    return arch if preset == "fast" else f"{arch}:{preset}"
+def row_name(arch: str, preset: str, head: str | None = None) -> str:
+    """``arch`` for the fast preset (the historical row names), ``arch:paper`` otherwise; an extra
+    instance head adds ``+head`` (``unet+hv``)."""
+    name = arch if preset == "fast" else f"{arch}:{preset}"
+    return f"{name}+{head}" if head else name
 
 
 def _preset_parts(arch: str, preset: str, budget: Budget) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -165,10 +167,12 @@ def _preset_parts(arch: str, preset: str, budget: Budget) -> tuple[dict[str, Any
 
 
 def _config_for(arch: str, budget: Budget, out_dir: Path, seed: int, device: str,
-                preset: str = "fast"):  # -> TrainConfig
+                preset: str = "fast", head: str | None = None):  # -> TrainConfig
     from ml_worker.training import TrainConfig
 
     model_kwargs, train = _preset_parts(arch, preset, budget)
+    if head:
+        model_kwargs = {**model_kwargs, "instance_head": head}
     base: dict[str, Any] = dict(
         arch=arch,
         model_kwargs=model_kwargs,
@@ -185,12 +189,12 @@ def _config_for(arch: str, budget: Budget, out_dir: Path, seed: int, device: str
         epochs_per_stage=budget.epochs_per_stage if arch == "pgunet_plus" else None,
         stage_lr_new=budget.stage_lr_new,
         stage_lr_old=budget.stage_lr_old,
-        out_dir=str(out_dir / "runs" / row_name(arch, preset).replace(":", "-")),
+        out_dir=str(out_dir / "runs" / row_name(arch, preset, head).replace(":", "-")),
     )
     return TrainConfig(**{**base, **train})
 
 
-def _typed_phase(runs: list[tuple[str, str]], budget: Budget, out: Path, seed: int,
+def _typed_phase(runs: list[tuple[str, str, str | None]], budget: Budget, out: Path, seed: int,
                  device: str) -> dict[str, dict[str, Any]]:
     """Train every softmax model of ``runs`` again, on a generated typed data set (background + K
     nucleus types, ``synth.write_dataset(typed=True)``) with the same schedule, and score it on
@@ -210,9 +214,9 @@ def _typed_phase(runs: list[tuple[str, str]], budget: Budget, out: Path, seed: i
     train_s, test_s = split_by_image(samples, budget.test_fraction, seed=budget.split_seed)
     _log(f"typed set {folder}: {len(train_s)} train / {len(test_s)} test images, classes {names}")
     results: dict[str, dict[str, Any]] = {}
-    for arch, preset in runs:
-        if arch != PEER and catalog.architecture(arch).output != "softmax":
-            continue
+    for arch, preset, head in runs:
+        if head or (arch != PEER and catalog.architecture(arch).output != "softmax"):
+            continue  # an instance-head row differs in how nuclei are split, not in their types
         name = row_name(arch, preset)
         t0 = time.perf_counter()
         cfg = _config_for(arch, budget, out, seed, device, preset)
@@ -266,12 +270,15 @@ def run_bench(
     device: str = "auto",
     show_progress: bool = True,
     presets: tuple[str, ...] = ("fast",),
+    instance_heads: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run the benchmark; returns the result dict that is also written to ``bench.json``.
 
     ``presets``: ``fast`` (rows named by architecture) and/or ``paper`` (rows ``arch:paper``,
     for the architectures that have one; see :func:`_preset_parts` for what a CPU budget keeps
-    of a paper preset)."""
+    of a paper preset). ``instance_heads`` (e.g. ``("hv",)``): every semantic (softmax) Karyo
+    architecture is trained once more with that head, fast preset, rows ``arch+hv``, and the
+    report compares its AJI/PQ with the same network's default post-processing."""
     from ml_worker.presets import PRESETS, inference_settings
     from tqdm import tqdm
 
@@ -299,12 +306,16 @@ def run_bench(
 
         rows: list[dict[str, Any]] = []
         trained_models: dict[str, torch.nn.Module] = {}
-        runs = [(arch, pr) for pr in presets for arch in archs
-                if pr == "fast" or pr in PRESETS.get(arch, {})]
-        for arch, preset in runs:
-            name = row_name(arch, preset)
+        from ml_worker import catalog
+
+        runs: list[tuple[str, str, str | None]] = [
+            (arch, pr, None) for pr in presets for arch in archs if pr == "fast" or pr in PRESETS.get(arch, {})]
+        runs += [(arch, "fast", head) for head in instance_heads for arch in archs
+                 if arch in KARYO_ARCHS and catalog.architecture(arch).output == "softmax"]
+        for arch, preset, head in runs:
+            name = row_name(arch, preset, head)
             t_arch = time.perf_counter()
-            cfg = _config_for(arch, budget, out, seed, device, preset)
+            cfg = _config_for(arch, budget, out, seed, device, preset, head)
             bar = tqdm(total=None, desc=f"train {name}", unit="step", file=sys.stderr, leave=False,
                        disable=not show_progress, dynamic_ncols=True)
 
@@ -339,6 +350,7 @@ def run_bench(
                 "name": name,
                 "arch": arch,
                 "preset": preset,
+                "instance_head": head,
                 "kind": "peer" if arch == PEER else "karyo",
                 "trained": True,
                 "model_kwargs": cfg.model_kwargs,
@@ -449,6 +461,15 @@ def _comparisons(rows: list[dict[str, Any]], refs: list[dict[str, Any]], budget:
     if "dssnet" in by and u_ref is not None:
         out["trained_dssnet_vs_reference_unet_speed"] = speed_ratio(by["dssnet"], u_ref)
     karyo = [r for r in rows if r["kind"] == "karyo"]
+    heads = {}
+    for r in karyo:
+        base = by.get(row_name(r["arch"], r.get("preset", "fast")))
+        if r.get("instance_head") and base is not None:
+            heads[r["name"]] = {"default": base["name"], **{
+                f"{k}_{side}": row["metrics"][k] for k in ("aji", "pq") for side, row in (("head", r), ("default", base))}}
+            heads[r["name"]]["improves_aji"] = bool(r["metrics"]["aji"] > base["metrics"]["aji"])
+    if heads:
+        out["instance_head_vs_default"] = heads
     if PEER in by and karyo:
         peer = by[PEER]["metrics"]
         for key in ("aji", "pq"):
@@ -489,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="fast", choices=["fast", "paper", "both"],
                    help="fast: the budget's models (rows 'arch'); paper: each seed architecture's paper preset "
                         "(rows 'arch:paper'; at CPU budgets its recipe at the budget's sizes); both: all rows")
+    p.add_argument("--instance-head", nargs="*", default=[], choices=["hv"],
+                   help="also train every semantic Karyo architecture with this instance head (rows 'arch+hv') "
+                        "and compare its AJI/PQ with the same network's default post-processing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
@@ -507,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_bench(data, BUDGETS[args.budget], args.out, archs=archs, seed=args.seed,
                            threads=args.threads, device=args.device, show_progress=not args.quiet,
-                           presets=("fast", "paper") if args.preset == "both" else (args.preset,))
+                           presets=("fast", "paper") if args.preset == "both" else (args.preset,),
+                           instance_heads=tuple(args.instance_head))
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

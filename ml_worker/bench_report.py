@@ -123,6 +123,10 @@ def format_table(result: dict[str, Any]) -> str:
         x = c["best_karyo_dice"]
         lines.append(f"Dice target: best Karyo {x['best_karyo']} {x['dice']:.3f} (target >= 0.82): "
                      f"{'MET' if x['target_met'] else 'NOT MET'}")
+    for name, x in (c.get("instance_head_vs_default") or {}).items():
+        lines.append(f"instance head: {name} AJI {x['aji_head']:.3f} / PQ {x['pq_head']:.3f} vs {x['default']} (default "
+                     f"post-processing) AJI {x['aji_default']:.3f} / PQ {x['pq_default']:.3f} (target: better AJI): "
+                     f"{'MET' if x['improves_aji'] else 'NOT MET'}")
     if typed:
         scored = [r for r in result["rows"] if (r.get("typed") or {}).get("mpq") is not None]
         if scored:

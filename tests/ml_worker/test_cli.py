@@ -260,3 +260,24 @@ def test_bench_paper_preset_rows_use_the_papers_recipe(tmp_path: Path) -> None:
     _, meta = load_checkpoint(tmp_path / "bench" / "runs" / "hspnet-paper" / "last.pt")
     assert meta["config"]["encoder_lr_factor"] == 0.1
     assert "dssnet:paper" in p.stdout and "hspnet:paper" in p.stdout
+
+
+def test_bench_instance_head_rows_are_compared_with_the_same_networks_default(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "data", 3, kind="he", size=96, seed=0)
+    p = run("-m", "ml_worker.bench", "--data", "data", "--budget", "smoke", "--out", "bench", "--threads", "1",
+            "--archs", "unet", "multihead_unet", "--instance-head", "hv", "--quiet", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    result = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    # the multi-head model has its own instance outputs: no hv row for it
+    assert set(rows) == {"unet", "multihead_unet", "unet+hv", "otsu_watershed"}
+    assert rows["unet+hv"]["model_kwargs"]["instance_head"] == "hv" and rows["unet+hv"]["instance_head"] == "hv"
+    assert "typed" not in rows["unet+hv"] and "typed" in rows["unet"]
+    x = result["comparisons"]["instance_head_vs_default"]["unet+hv"]
+    assert x["default"] == "unet" and x["aji_head"] == rows["unet+hv"]["metrics"]["aji"]
+    assert x["improves_aji"] == (x["aji_head"] > x["aji_default"])
+    assert "instance head: unet+hv AJI" in p.stdout
+    from ml_worker.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(tmp_path / "bench" / "runs" / "unet+hv" / "last.pt")
+    assert meta["init_kwargs"]["instance_head"] == "hv"
