@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -25,8 +26,11 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--size", type=int, default=512, help="synthetic image size (pixels)")
+        parser.add_argument("--training", type=json.loads, default=None,
+                            help="JSON training options of the demo projects in place of DEMO_TRAINING "
+                                 "(tests and benchmarks use a tiny model)")
 
-    def handle(self, *args, size: int, **options):
+    def handle(self, *args, size: int, training: dict | None = None, **options):
         admin = get_user_model().objects.filter(is_superuser=True).order_by("id").first()
         for name, kind, classes, n_images, n_labelled in DEMOS:
             if Project.objects.filter(name=name).exists():
@@ -36,7 +40,7 @@ class Command(BaseCommand):
                 name=name, created_by=admin, nucleus_classes=classes, tile_size=256, auto_retrain_threshold=4,
                 description=f"Synthetic {kind.upper()} tiles with exact instance masks, drawn by ml_worker.synth.",
                 # Sized for a CPU: a narrow U-Net learns these tiles in a few minutes.
-                default_architecture="unet", training_defaults=DEMO_TRAINING,
+                default_architecture="unet", training_defaults=DEMO_TRAINING if training is None else training,
             )
             with tempfile.TemporaryDirectory() as tmp:
                 labelled, unlabelled = Path(tmp) / "labelled", Path(tmp) / "unlabelled"
