@@ -120,7 +120,17 @@ class Annotation(models.Model):
 
     tile = models.ForeignKey(Tile, on_delete=models.CASCADE, related_name="annotations")
     version = models.PositiveIntegerField()
-    mask = models.FileField(max_length=255)
+    mask = models.FileField(max_length=255, help_text="The version's label map over the tile's own box (h, w).")
+    # Issue 12: a version made in the workspace's context frame keeps the nuclei the tile owns
+    # (centroid inside the tile) whole, including their parts in the margin. Empty on older rows
+    # (and imports): the version is its tile box only.
+    context_mask = models.FileField(
+        max_length=255, blank=True, default="",
+        help_text="The owned nuclei whole: a label map whose origin is (context_x, context_y) from the tile's origin; "
+        "empty: the version covers the tile box only (mask).",
+    )
+    context_x = models.IntegerField(default=0, help_text="context_mask's left edge minus the tile's (working px, <= 0).")
+    context_y = models.IntegerField(default=0, help_text="context_mask's top edge minus the tile's (working px, <= 0).")
     classes = models.JSONField(default=dict, blank=True, help_text="Instance id -> nucleus class id.")
     nucleus_count = models.PositiveIntegerField(default=0)
     source = models.CharField(max_length=24, choices=AnnotationSource.choices)

@@ -80,16 +80,24 @@ def create_annotation(
     prediction=None,
     external_id: str = "",
     classes: dict[str, int] | None = None,
+    context: tuple[np.ndarray, int, int] | None = None,
 ) -> tuple[Annotation, bool]:
     """Append a new annotation version to ``tile``. Returns ``(annotation, created)``.
 
     ``instances`` is an (h, w) integer label map of the tile. The same ``external_id`` (a Label
     Studio annotation delivered twice) returns the existing version instead of a duplicate.
+    ``context``: (label map, dx, dy) of the nuclei the tile owns, whole (``margins``), its origin at
+    (dx, dy) <= 0 from the tile's; ``instances`` is then its tile box. Prefer
+    :func:`create_frame_annotation`, which applies the ownership rule.
     """
     if instances.shape != (tile.h, tile.w):
         raise InvalidUpload(
             f"mask is {instances.shape[1]}x{instances.shape[0]} but the tile is {tile.w}x{tile.h}", code="mask_size_mismatch"
         )
+    if context is not None:
+        whole, dx, dy = context
+        if dx > 0 or dy > 0 or whole.shape[0] < tile.h - dy or whole.shape[1] < tile.w - dx:
+            raise InvalidUpload("the context map must cover the tile", code="mask_size_mismatch")
     if status not in (AnnotationStatus.DRAFT, AnnotationStatus.SUBMITTED) and source != AnnotationSource.IMPORTED:
         raise InvalidUpload("new annotations are draft or submitted; reviews set the other states", code="invalid_status")
     if parent is not None and parent.tile_id != tile.pk:
@@ -98,13 +106,14 @@ def create_annotation(
         existing = Annotation.objects.filter(tile=tile, external_id=external_id).first()
         if existing is not None:
             return existing, False
-    labels = np.unique(instances)
+    labels = np.unique(instances if context is None else context[0])
     nucleus_count = int((labels != 0).sum())
     if classes:
         unknown = {int(k) for k in classes} - {int(v) for v in labels if v != 0}
         if unknown:
             raise InvalidUpload(f"class map names instances not in the mask: {sorted(unknown)[:10]}", code="invalid_classes")
     png = encode_png(instances)
+    context_png = encode_png(context[0]) if context is not None else None
     for attempt in range(3):
         try:
             with StagedWrites() as staged, transaction.atomic():
@@ -112,11 +121,16 @@ def create_annotation(
                 chosen_parent = parent
                 if chosen_parent is None and latest:
                     chosen_parent = Annotation.objects.get(tile=tile, version=latest)
-                mask_name = staged.save(f"annotations/{tile.pk}/v{latest + 1}-{uuid.uuid4().hex[:8]}.png", png)
+                stem = f"annotations/{tile.pk}/v{latest + 1}-{uuid.uuid4().hex[:8]}"
+                mask_name = staged.save(f"{stem}.png", png)
+                context_name = staged.save(f"{stem}-context.png", context_png) if context_png is not None else ""
                 annotation = Annotation.objects.create(
                     tile=tile,
                     version=latest + 1,
                     mask=mask_name,
+                    context_mask=context_name,
+                    context_x=int(context[1]) if context is not None else 0,
+                    context_y=int(context[2]) if context is not None else 0,
                     classes={str(k): int(v) for k, v in (classes or {}).items()},
                     nucleus_count=nucleus_count,
                     source=source,
@@ -139,6 +153,28 @@ def create_annotation(
             if attempt == 2:
                 raise Conflict("the tile was annotated concurrently; try again") from None
     raise AssertionError("unreachable")
+
+
+def create_frame_annotation(*, tile: Tile, frame, instances: np.ndarray, classes: dict[str, int] | None = None,
+                            **kwargs) -> tuple[Annotation, bool]:
+    """Append a version drawn in ``tile``'s context frame (``margins.Frame``; ``instances`` is the
+    frame's label map): the nuclei the tile owns are kept whole, margin parts included; nuclei
+    owned by other tiles are dropped (ownership rule, ``margins``). Other arguments as
+    :func:`create_annotation`."""
+    from . import margins
+
+    instances = np.asarray(instances)
+    if instances.shape != (frame.h, frame.w):
+        raise InvalidUpload(f"mask is {instances.shape[1]}x{instances.shape[0]} but the context frame is "
+                            f"{frame.w}x{frame.h}", code="mask_size_mismatch")
+    rects, owner = margins.tile_rects(tile=tile)
+    owned = margins.keep_owned(instances, frame=frame, rects=rects, owner=owner)
+    present = {str(v) for v in np.unique(owned) if v}
+    kept_classes = {k: v for k, v in (classes or {}).items() if str(k) in present}
+    return create_annotation(
+        tile=tile, instances=margins.crop_to_tile(owned, frame=frame), classes=kept_classes,
+        context=(owned, -frame.tile_x, -frame.tile_y), **kwargs,
+    )
 
 
 @transaction.atomic

@@ -17,6 +17,14 @@ crosses a tile border is cut in each tile's mask. :func:`stitch` puts the pieces
      ids), where facing fragments are one nucleus exactly when their ids are equal;
 3. a group of matched fragments is one nucleus: the union of their pixels.
 
+A version made in the workspace's context frame (``TileLabels.whole``: ``Annotation.context_mask``)
+already holds the nuclei its tile owns, each whole with its parts in the margin, and none that
+another tile owns. Its nuclei are pasted as they are: no matching, no halving, so two touching
+nuclei whose outlines both end on a shared tile edge stay two. Versions of the tile box only
+(older versions, imports) go through steps 1-3; such a nucleus is dropped when its centroid lies
+in a tile with a whole version (that version decides what is there), or when it is mostly the
+same pixels as a whole nucleus (a piece of it seen from the neighbour).
+
 **Ownership rule**: a nucleus belongs to the tile that holds its centroid. Where tiles overlap,
 the centroid's owner is the contributing tile whose centre is nearest (Euclidean; ties go to the
 tile higher up, then further left), so ownership partitions the annotated area. The owner gives
@@ -42,7 +50,11 @@ _CROSS = ndi.generate_binary_structure(2, 1)
 
 @dataclass
 class TileLabels:
-    """One tile's label map in the image: origin (x, y), the (h, w) instance map and its classes."""
+    """One tile's label map in the image: origin (x, y), the (h, w) instance map and its classes.
+
+    ``whole``: the map holds the nuclei the tile owns, whole (a context-frame version): it starts
+    at (x + ox, y + oy) and may be larger than the tile, whose size is then ``tile_w`` x ``tile_h``.
+    """
 
     tile_id: int
     x: int
@@ -52,14 +64,19 @@ class TileLabels:
     annotation_id: int | None = None
     version: int | None = None
     shared_ids: bool = False  # instance ids are the image's (an import), not the tile's own
+    whole: bool = False
+    ox: int = 0
+    oy: int = 0
+    tile_w: int | None = None
+    tile_h: int | None = None
 
     @property
     def h(self) -> int:
-        return int(self.instances.shape[0])
+        return int(self.tile_h if self.tile_h is not None else self.instances.shape[0])
 
     @property
     def w(self) -> int:
-        return int(self.instances.shape[1])
+        return int(self.tile_w if self.tile_w is not None else self.instances.shape[1])
 
     @property
     def rect(self) -> tuple[int, int, int, int]:
@@ -202,9 +219,15 @@ def _link(tiles: list[TileLabels], i: int, j: int) -> list[tuple[int, int]]:
 def owner_of(tiles: list[TileLabels], x: float, y: float, *, among: list[int] | None = None) -> int | None:
     """Index of the tile that owns point (x, y): of the tiles (``among``, default all) whose
     rectangle holds it, the one whose centre is nearest (ties: higher up, then further left)."""
+    return owner_of_rect([t.rect for t in tiles], x, y, among=among)
+
+
+def owner_of_rect(rects: list[tuple[int, int, int, int]], x: float, y: float, *,
+                  among: list[int] | None = None) -> int | None:
+    """:func:`owner_of` over plain (x0, y0, x1, y1) rectangles."""
     best, best_key = None, None
-    for t in among if among is not None else range(len(tiles)):
-        x0, y0, x1, y1 = tiles[t].rect
+    for t in among if among is not None else range(len(rects)):
+        x0, y0, x1, y1 = rects[t]
         if not (x0 <= x < x1 and y0 <= y < y1):
             continue
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -214,10 +237,76 @@ def owner_of(tiles: list[TileLabels], x: float, y: float, *, among: list[int] | 
     return best
 
 
+def _whole_nuclei(tiles: list[TileLabels], t: int, default_class: int) -> list[tuple[tuple[int, int], Nucleus]]:
+    tile = tiles[t]
+    labels = np.asarray(tile.instances).astype(np.int64, copy=False)
+    out = []
+    for label, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None:
+            continue
+        rows, cols = box
+        out.append(((t, label), Nucleus(
+            x0=tile.x + tile.ox + cols.start, y0=tile.y + tile.oy + rows.start, crop=labels[box] == label,
+            class_id=int(tile.classes.get(label, default_class)), tile_id=tile.tile_id,
+            annotation_id=tile.annotation_id, version=tile.version, source_label=label, tiles=(tile.tile_id,),
+        )))
+    return out
+
+
+def _covered_by(piece: Nucleus, whole: list[Nucleus], rects: list[tuple[int, int, int, int]]) -> bool:
+    """Is ``piece`` (from tile-box versions whose rectangles are ``rects``) mostly the same
+    pixels as one of the ``whole`` nuclei, compared inside those rectangles?"""
+    px0, py0, px1, py1 = piece.bbox
+    for n in whole:
+        nx0, ny0, nx1, ny1 = n.bbox
+        if nx1 <= px0 or px1 <= nx0 or ny1 <= py0 or py1 <= ny0:
+            continue
+        # The whole nucleus' pixels inside the tile-box versions' rectangles (what they could see of it).
+        seen = np.zeros_like(n.crop)
+        for rx0, ry0, rx1, ry1 in rects:
+            cx0, cy0, cx1, cy1 = max(rx0, nx0), max(ry0, ny0), min(rx1, nx1), min(ry1, ny1)
+            if cx1 > cx0 and cy1 > cy0:
+                seen[cy0 - ny0 : cy1 - ny0, cx0 - nx0 : cx1 - nx0] = True
+        seen &= n.crop
+        x0, y0, x1, y1 = max(px0, nx0), max(py0, ny0), min(px1, nx1), min(py1, ny1)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        common = int((piece.crop[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0]
+                      & n.crop[y0 - ny0 : y1 - ny0, x0 - nx0 : x1 - nx0]).sum())
+        if common and 2 * common >= min(piece.area, int(seen.sum()) or n.area):
+            return True
+    return False
+
+
 def stitch(tiles: list[TileLabels], *, default_class: int) -> list[Nucleus]:
     """The image's nuclei from its tiles' label maps, each once and whole (module docstring).
 
     Ordered by their owner tile (in the given order), then by the instance id there."""
+    whole_idx = [t for t, tile in enumerate(tiles) if tile.whole]
+    if not whole_idx:
+        return _stitch_boxes(tiles, default_class=default_class)
+    legacy_idx = [t for t, tile in enumerate(tiles) if not tile.whole]
+    nuclei: list[tuple[tuple[int, int], Nucleus]] = []
+    for t in whole_idx:
+        nuclei.extend(_whole_nuclei(tiles, t, default_class))
+    whole = [n for _, n in nuclei]
+    if legacy_idx:
+        legacy = [tiles[t] for t in legacy_idx]
+        by_id = {tiles[t].tile_id: t for t in legacy_idx}
+        decided = set(whole_idx)
+        for n in _stitch_boxes(legacy, default_class=default_class):
+            cx, cy = n.centroid
+            if owner_of(tiles, cx, cy) in decided:
+                continue  # the tile holding its centroid has a whole version: that version decides
+            if _covered_by(n, whole, [tiles[by_id[i]].rect for i in n.tiles if i in by_id]):
+                continue  # the neighbour's view of a nucleus a whole version holds
+            nuclei.append(((by_id.get(n.tile_id, len(tiles)), n.source_label), n))
+    nuclei.sort(key=lambda item: item[0])
+    return [n for _, n in nuclei]
+
+
+def _stitch_boxes(tiles: list[TileLabels], *, default_class: int) -> list[Nucleus]:
+    """Steps 1-3 of the module docstring for versions of the tile box only."""
     fragments, index = _fragments(tiles)
     union = _UnionFind(len(fragments))
     for i, j in _neighbours(tiles):

@@ -33,16 +33,23 @@ def stitched_name(*, image_id: int) -> str:
 
 
 def tile_labels(*, annotations: list[Annotation], scale: float = 1.0) -> list[TileLabels]:
-    """The stitcher's input: each version's label map placed at its tile's origin (tile grid pixels)."""
-    return [
-        TileLabels(
-            tile_id=a.tile_id, x=round(a.tile.x / scale), y=round(a.tile.y / scale), instances=read_label_map(a.mask.name),
+    """The stitcher's input: each version's label map placed at its tile's origin (tile grid pixels).
+
+    A version made in the context frame (``context_mask``) gives its owned nuclei whole
+    (``TileLabels.whole``, origin offset by ``context_x``/``context_y``); an older one its tile box."""
+    out = []
+    for a in annotations:
+        whole = bool(a.context_mask)
+        out.append(TileLabels(
+            tile_id=a.tile_id, x=round(a.tile.x / scale), y=round(a.tile.y / scale),
+            instances=read_label_map(a.context_mask.name if whole else a.mask.name),
             classes={int(k): int(v) for k, v in (a.classes or {}).items()}, annotation_id=a.pk, version=a.version,
             # A data set import cuts one image-level label map into tiles and keeps its ids.
             shared_ids=a.source == AnnotationSource.IMPORTED,
-        )
-        for a in annotations
-    ]
+            whole=whole, ox=int(a.context_x) if whole else 0, oy=int(a.context_y) if whole else 0,
+            tile_w=a.tile.w, tile_h=a.tile.h,
+        ))
+    return out
 
 
 def accepted_versions(*, image: Image) -> list[Annotation]:

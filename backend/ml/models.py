@@ -91,7 +91,12 @@ class ModelVersion(models.Model):
 class Prediction(models.Model):
     tile = models.ForeignKey(Tile, on_delete=models.CASCADE, related_name="predictions")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="predictions")
-    mask = models.FileField(max_length=255)
+    mask = models.FileField(max_length=255, help_text="The predicted label map over the tile's own box (h, w).")
+    # Issue 12: the nuclei the tile owns (centroid inside it) whole, including their parts in the
+    # context margin (inferred on the tile with its margin). Empty on older rows: tile box only.
+    context_mask = models.FileField(max_length=255, blank=True, default="")
+    context_x = models.IntegerField(default=0, help_text="context_mask's left edge minus the tile's (working px, <= 0).")
+    context_y = models.IntegerField(default=0, help_text="context_mask's top edge minus the tile's (working px, <= 0).")
     nucleus_count = models.PositiveIntegerField(default=0)
     uncertainty = models.JSONField(default=dict, blank=True, help_text="Strategy name -> score (higher = less certain).")
     embedding = models.JSONField(default=list, blank=True, help_text="Pooled encoder features (diversity sampling).")

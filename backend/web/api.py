@@ -54,6 +54,9 @@ class EditSerializer(serializers.Serializer):
                                    help_text="groups of region ids that become one nucleus")
     # A plain string (checked below): an enum here would collide with AnnotationCreate's in the schema.
     status = serializers.CharField(default=AnnotationStatus.SUBMITTED, help_text="submitted (default) or draft")
+    frame = serializers.DictField(required=False, help_text="{x, y, w, h} of the context frame the editor was opened "
+                                  "in (the GET's frame): the regions are percentages of it, and the version keeps the "
+                                  "nuclei the tile owns, whole. Absent: percentages of the tile box.")
     seconds_spent = serializers.IntegerField(required=False, min_value=0, max_value=86400,
                                              help_text="time the page had this tile open before this save (member activity)")
 
@@ -111,7 +114,9 @@ class TilePredictionOverlayView(APIView):
 
 
 class TileContextView(APIView):
-    @extend_schema(parameters=[OpenApiParameter("size", int, description="longest side of a thumbnail")],
+    @extend_schema(parameters=[OpenApiParameter("size", int, description="longest side of a thumbnail"),
+                               OpenApiParameter("editor", bool, description="the editor's backdrop: only the nuclei "
+                                                "other tiles own are outlined (cyan)")],
                    responses={(200, "image/png"): OpenApiTypes.BINARY})
     def get(self, request, tile_id: int):
         """The tile with ``context_margin`` pixels of its image around it (dimmed) and the image's
@@ -120,7 +125,7 @@ class TileContextView(APIView):
         from .context import tile_context
 
         tile = tile_for(request, tile_id)
-        picture, meta = tile_context(tile=tile)
+        picture, meta = tile_context(tile=tile, for_editor=request.query_params.get("editor") in ("1", "true"))
         response = png_response(services.png_of(picture, size=_size(request)))
         response["X-Karyo-Context"] = f"{meta['x']},{meta['y']},{meta['w']},{meta['h']},{meta['margin']}"
         return response

@@ -17,6 +17,7 @@ from PIL import Image as PILImage
 
 from backend.common.errors import Conflict, InvalidUpload
 from backend.common.storage import read_bytes, read_label_map
+from backend.images import margins
 from backend.images import services as image_services
 from backend.images.models import Annotation, AnnotationSource, AnnotationStatus, Image, Tile
 from backend.ml.models import ModelStatus, ModelVersion, Prediction, QueueEntry, RunStatus, TrainingRun
@@ -35,10 +36,11 @@ TRAIN_DEFAULTS = {option.name: option.default for option in (*catalog.TRAINING_O
 @dataclass
 class EditorSource:
     kind: str  # "prediction" | "annotation" | "empty"
-    instances: np.ndarray
+    instances: np.ndarray  # a label map of ``frame`` (the tile with its context margin, issue 12)
     classes: dict
     prediction: Prediction | None = None
     annotation: Annotation | None = None
+    frame: margins.Frame | None = None
 
 
 def active_prediction(tile: Tile) -> Prediction | None:
@@ -54,7 +56,10 @@ def editor_source(tile: Tile, *, source: str = "auto", annotation_id: int | None
     ``source`` forces ``prediction``, ``annotation`` (``annotation_id`` or the latest) or ``empty``."""
     if source not in ("auto", "prediction", "annotation", "empty"):
         raise InvalidUpload("source is auto, prediction, annotation or empty", code="invalid_parameter")
-    empty = EditorSource("empty", np.zeros((tile.h, tile.w), np.int32), {})
+    # The editor shows the tile with its context margin: a version's nuclei whole (those made in
+    # the frame) or its tile box (older ones), placed in that frame.
+    frame = margins.context_frame(tile=tile)
+    empty = EditorSource("empty", np.zeros((frame.h, frame.w), np.int32), {}, frame=frame)
     if source == "empty":
         return empty
     annotations = tile.annotations.select_related("author").order_by("-version")
@@ -74,11 +79,11 @@ def editor_source(tile: Tile, *, source: str = "auto", annotation_id: int | None
         or (source == "auto" and (prediction is None or annotation.created_at > prediction.created_at))
     )
     if use_annotation:
-        return EditorSource("annotation", read_label_map(annotation.mask.name), dict(annotation.classes or {}),
-                            annotation=annotation)
+        return EditorSource("annotation", margins.version_in_frame(annotation, frame=frame),
+                            dict(annotation.classes or {}), annotation=annotation, frame=frame)
     if prediction is not None:
-        return EditorSource("prediction", read_label_map(prediction.mask.name), prediction.class_ids(),
-                            prediction=prediction)
+        return EditorSource("prediction", margins.version_in_frame(prediction, frame=frame), prediction.class_ids(),
+                            prediction=prediction, frame=frame)
     return empty
 
 
@@ -86,8 +91,11 @@ def editor_payload(tile: Tile, *, source: str = "auto", annotation_id: int | Non
     started = time.perf_counter()
     chosen = editor_source(tile, source=source, annotation_id=annotation_id)
     classes = tile.project.nucleus_classes
-    mask_name = (chosen.annotation.mask.name if chosen.annotation else chosen.prediction.mask.name if chosen.prediction else "")
-    key = f"karyo-web:regions:v1:{mask_name}:{hash(str(sorted((chosen.classes or {}).items())))}:{hash(str(classes))}"
+    version = chosen.annotation or chosen.prediction
+    mask_name = ((version.context_mask.name or version.mask.name) if version is not None else "")
+    frame = chosen.frame
+    key = (f"karyo-web:regions:v2:{mask_name}:{frame.x},{frame.y},{frame.w},{frame.h}:"
+           f"{hash(str(sorted((chosen.classes or {}).items())))}:{hash(str(classes))}")
     result = cache.get(key) if mask_name else None
     if result is None:
         result = editing.editor_regions(chosen.instances, classes=chosen.classes, nucleus_classes=classes)
@@ -98,7 +106,10 @@ def editor_payload(tile: Tile, *, source: str = "auto", annotation_id: int | Non
         result = editing.with_scores(result, prediction.class_confidences())
     return {
         "tile": {"id": tile.pk, "image": tile.image_id, "image_name": tile.image.name, "x": tile.x, "y": tile.y,
-                 "w": tile.w, "h": tile.h, "image_url": f"/api/tiles/{tile.pk}/image.png"},
+                 "w": tile.w, "h": tile.h, "image_url": f"/api/tiles/{tile.pk}/context.png?editor=1"},
+        # The editor's picture and its regions' percentages are of this frame (the tile with its
+        # context margin); a submit sends it back (``submit_edits``).
+        "frame": {**frame.as_dict(), "margin": int(tile.project.context_margin)},
         "source": chosen.kind,
         "prediction": None if prediction is None else {
             "id": prediction.pk, "model_version": prediction.model_version_id,
@@ -126,19 +137,24 @@ def submit_edits(*, tile: Tile, user, data: dict) -> tuple[Annotation, editing.E
     kind = base.get("kind", "empty")
     if kind in ("prediction", "annotation") and (isinstance(base.get("id"), bool) or not isinstance(base.get("id"), int)):
         raise InvalidUpload(f"base.id: the {kind} id must be an integer", code="invalid_base")
+    frame = _submitted_frame(tile, data.get("frame"))
+
+    def in_frame(version) -> np.ndarray:
+        return margins.version_in_frame(version, frame=frame) if frame is not None else read_label_map(version.mask.name)
+
     prediction = annotation = None
     if kind == "prediction":
         prediction = Prediction.objects.filter(pk=base.get("id"), tile=tile).select_related("model_version").first()
         if prediction is None:
             raise InvalidUpload("base: that prediction does not belong to this tile", code="invalid_base")
-        instances, classes = read_label_map(prediction.mask.name), prediction.class_ids()
+        instances, classes = in_frame(prediction), prediction.class_ids()
     elif kind == "annotation":
         annotation = Annotation.objects.filter(pk=base.get("id"), tile=tile).first()
         if annotation is None:
             raise InvalidUpload("base: that annotation is not a version of this tile", code="invalid_base")
-        instances, classes = read_label_map(annotation.mask.name), dict(annotation.classes or {})
+        instances, classes = in_frame(annotation), dict(annotation.classes or {})
     elif kind == "empty":
-        instances, classes = np.zeros((tile.h, tile.w), np.int32), {}
+        instances, classes = np.zeros((frame.h, frame.w) if frame is not None else (tile.h, tile.w), np.int32), {}
     else:
         raise InvalidUpload("base.kind is prediction, annotation or empty", code="invalid_base")
     status = data.get("status", AnnotationStatus.SUBMITTED)
@@ -156,13 +172,37 @@ def submit_edits(*, tile: Tile, user, data: dict) -> tuple[Annotation, editing.E
     if prediction is None and annotation is not None and annotation.prediction_id:
         prediction = annotation.prediction  # a correction of a correction still descends from the prediction
     source = AnnotationSource.CORRECTED_PREDICTION if kind == "prediction" else AnnotationSource.MANUAL
-    stored, _ = image_services.create_annotation(
-        tile=tile, instances=result.instances, author=user, source=source, status=status,
-        parent=annotation, prediction=prediction, classes=result.classes,
-    )
+    if frame is not None:  # the nuclei the tile owns, whole; the neighbours' are theirs (ownership rule)
+        stored, _ = image_services.create_frame_annotation(
+            tile=tile, frame=frame, instances=result.instances, author=user, source=source, status=status,
+            parent=annotation, prediction=prediction, classes=result.classes,
+        )
+    else:  # a client that edits the tile box only (percentages of the tile)
+        stored, _ = image_services.create_annotation(
+            tile=tile, instances=result.instances, author=user, source=source, status=status,
+            parent=annotation, prediction=prediction, classes=result.classes,
+        )
     if status == AnnotationStatus.SUBMITTED:
         _record_submission(tile=tile, user=user, annotation=stored, seconds=data.get("seconds_spent"))
     return stored, result, (time.perf_counter() - started) * 1000
+
+
+def _submitted_frame(tile: Tile, sent) -> margins.Frame | None:
+    """The context frame the editor was opened in (its regions are percentages of it); None for a
+    client that sends percentages of the tile box. A frame that is no longer the tile's (the
+    project's context margin changed meanwhile) is refused rather than misread."""
+    if sent in (None, {}):
+        return None
+    frame = margins.context_frame(tile=tile)
+    try:
+        same = all(int(sent[k]) == getattr(frame, k) for k in ("x", "y", "w", "h"))
+    except (KeyError, TypeError, ValueError):
+        raise InvalidUpload("frame: {x, y, w, h} of the context frame the editor was opened in",
+                            code="invalid_frame") from None
+    if not same:
+        raise Conflict("the tile's context frame changed since the editor opened (context margin); reopen the tile",
+                       code="frame_changed")
+    return frame
 
 
 def _record_submission(*, tile: Tile, user, annotation: Annotation, seconds: int | None) -> None:
@@ -247,7 +287,8 @@ def project_summary(*, project: Project, role: str | None) -> dict:
             "nucleus_classes": project.nucleus_classes, "tile_size": project.tile_size,
             "default_architecture": project.default_architecture, "al_strategy": project.al_strategy,
             "require_review": project.require_review, "auto_retrain_threshold": project.auto_retrain_threshold,
-            "training_defaults": project.training_defaults, "my_role": role,
+            "training_defaults": project.training_defaults, "stain_normalization": project.stain_normalization,
+            "my_role": role,
         },
         "counts": {
             "images": Image.objects.filter(project=project).count(),

@@ -46,7 +46,7 @@ export async function render(main, { config }) {
   const contextImg = h("img", { class: "tile-context", "data-testid": "tile-context", alt: "The tile in its image", width: "100%" });
   const contextNote = h("p", { class: "small muted" },
     `${project.context_margin ?? 64} px of the image around the tile, dimmed. Outlines: the image's accepted nuclei, whole — `,
-    h("span", { style: "color:#00a8bd;font-weight:600" }, "cyan"), " where they cross the tile's border (each tile stores the part it shows; they are one nucleus of the image).");
+    h("span", { style: "color:#00a8bd;font-weight:600" }, "cyan"), " where they cross the tile's border. A nucleus belongs to the tile that holds its centroid: the editor shows this tile's nuclei whole, margin parts included, and a submit keeps those; the neighbours' nuclei are outlined in cyan on the editor's picture and edited in their own tile.");
   const shortcuts = h("dl", { class: "shortcuts" }, SHORTCUTS.map(([k, v]) => [h("dt", {}, h("kbd", {}, k)), h("dd", {}, v)]));
 
   main.append(
@@ -143,9 +143,13 @@ export async function render(main, { config }) {
       replace(lsLink, payload.label_studio?.task_url
         ? h("a", { class: "link", href: payload.label_studio.task_url, target: "_blank", rel: "noopener" }, "Open this task in the Label Studio server ↗")
         : null);
+      // The editor shows the tile with its context margin (the frame): nuclei the tile owns are
+      // edited whole, the margin is dimmed and the neighbours' nuclei are outlined on the picture.
+      const frame = payload.frame ?? { w: payload.tile.w, h: payload.tile.h };
+      editorEl.dataset.frame = `${frame.w}x${frame.h}`;
       const editor = new NucleusEditor(editorEl, {
         config: payload.config, imageUrl: payload.tile.image_url, result: payload.result, taskId: tileId, user,
-        width: payload.tile.w, height: payload.tile.h,
+        width: frame.w, height: frame.h,
         onChange: () => setCount(),
         onSubmitShortcut: () => submit("submitted"),
       });
@@ -195,6 +199,7 @@ export async function render(main, { config }) {
       const saved = await api(`/api/tiles/${tileId}/regions/`, {
         method: "POST",
         body: { base: currentBase(), regions: plan.regions, deleted: plan.deleted, merges: plan.merges, status,
+          frame: state.payload.frame ? { x: state.payload.frame.x, y: state.payload.frame.y, w: state.payload.frame.w, h: state.payload.frame.h } : undefined,
           // Time with this tile open (member activity on the dashboard), capped like the server.
           seconds_spent: state.openedAt ? Math.min(86400, Math.round((performance.now() - state.openedAt) / 1000)) : undefined },
       });
