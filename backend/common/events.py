@@ -31,7 +31,12 @@ def publish(project_id: int, kind: str, **data: Any) -> dict:
     if layer is None:
         return event
     try:
-        async_to_sync(layer.group_send)(group_name(project_id), {"type": "karyo.event", "event": event})
+        message = {"type": "karyo.event", "event": event}
+        blocking = getattr(layer, "group_send_blocking", None)  # the SQLite layer: no event loop per event
+        if blocking is not None:
+            blocking(group_name(project_id), message)
+        else:
+            async_to_sync(layer.group_send)(group_name(project_id), message)
     except Exception:
         log.warning("could not publish %s event for project %s", kind, project_id, exc_info=True)
     return event

@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS groups (
 """
 
 
+# Seconds between two removals of expired group memberships (by one process).
+GROUP_EXPIRY_INTERVAL = 60.0
+
+
 class SQLiteChannelLayer(BaseChannelLayer):
     extensions = ["groups", "flush"]
 
@@ -45,6 +49,7 @@ class SQLiteChannelLayer(BaseChannelLayer):
         self.group_expiry = group_expiry
         self.poll_interval = poll_interval
         self._local = threading.local()
+        self._groups_expired_at = 0.0
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
             conn.executescript(SCHEMA)
@@ -100,8 +105,20 @@ class SQLiteChannelLayer(BaseChannelLayer):
     def _group_members(self, group: str) -> list[str]:
         now = time.time()
         conn = self._conn()
-        conn.execute("DELETE FROM groups WHERE expires <= ?", (now,))
-        return [r[0] for r in conn.execute("SELECT channel FROM groups WHERE name = ?", (group,))]
+        if now - self._groups_expired_at >= GROUP_EXPIRY_INTERVAL:
+            # A write takes the file's lock, which every other publisher waits for: expired
+            # memberships are removed once in a while, not on every send (the query skips them).
+            self._groups_expired_at = now
+            conn.execute("DELETE FROM groups WHERE expires <= ?", (now,))
+        return [r[0] for r in conn.execute("SELECT channel FROM groups WHERE name = ? AND expires > ?", (group, now))]
+
+    def group_send_blocking(self, group: str, message: dict) -> None:
+        """``group_send`` for synchronous callers (a view, a task): the same rows written, without
+        an event loop and a thread hop around them. Publishing with no member writes nothing."""
+        assert self.require_valid_group_name(group)
+        members = self._group_members(group)
+        if members:
+            self._send_many(members, message)
 
     def _expire(self) -> None:
         self._conn().execute("DELETE FROM messages WHERE expires <= ?", (time.time(),))
@@ -146,12 +163,7 @@ class SQLiteChannelLayer(BaseChannelLayer):
     async def group_send(self, group: str, message: dict) -> None:
         assert self.require_valid_group_name(group)
 
-        def send() -> None:
-            members = self._group_members(group)
-            if members:
-                self._send_many(members, message)
-
-        await asyncio.to_thread(send)
+        await asyncio.to_thread(self.group_send_blocking, group, message)
 
     async def flush(self) -> None:
         await asyncio.to_thread(lambda: self._conn().executescript("DELETE FROM messages; DELETE FROM groups;"))

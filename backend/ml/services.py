@@ -7,7 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import OuterRef, Q, Subquery
+from django.db.models import Exists, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from backend.common.errors import Conflict, KaryoError
@@ -284,6 +284,11 @@ def next_tile(*, project: Project, user) -> QueueEntry | None:
     open_entries = QueueEntry.objects.annotate(latest_status=Subquery(latest_status)).filter(
         Q(latest_status__isnull=True) | Q(latest_status__in=["draft", "rejected"])
     )
+    free = Q(leased_by__isnull=True) | Q(lease_expires_at__lte=now)
+    lease = {"leased_by": user, "lease_expires_at": now + timedelta(seconds=settings.KARYO_QUEUE_LEASE_SECONDS)}
+    if not connection_supports_skip_locked():
+        return _lease_by_compare_and_set(project=project, user=user, open_entries=open_entries, free=free,
+                                         lease=lease, now=now)
     for _ in range(5):
         with transaction.atomic():
             own = (
@@ -294,25 +299,50 @@ def next_tile(*, project: Project, user) -> QueueEntry | None:
             )
             if own is not None:
                 return QueueEntry.objects.select_related("tile", "leased_by").get(pk=own.pk)
-            candidates = open_entries.filter(project=project).filter(
-                Q(leased_by__isnull=True) | Q(lease_expires_at__lte=now)
-            ).order_by("rank")
-            if connection_supports_skip_locked():
-                candidates = candidates.select_for_update(skip_locked=True)
-            entry = candidates.first()
+            entry = open_entries.filter(project=project).filter(free).order_by("rank").select_for_update(
+                skip_locked=True
+            ).first()
             if entry is None:
                 return None
             # Compare-and-set: only one of two concurrent callers wins this row.
-            won = QueueEntry.objects.filter(pk=entry.pk).filter(
-                Q(leased_by__isnull=True) | Q(lease_expires_at__lte=now)
-            ).update(leased_by=user, lease_expires_at=now + timedelta(seconds=settings.KARYO_QUEUE_LEASE_SECONDS))
+            won = QueueEntry.objects.filter(pk=entry.pk).filter(free).update(**lease)
             if won:
                 # One query for what the response shows (tile, image, who holds it), and the event after
-                # commit: publishing while the write transaction is open would hold SQLite's write lock
-                # (every other lease and submission waits) for the channel layer's own write.
+                # commit, outside the transaction.
                 entry = QueueEntry.objects.select_related("tile", "leased_by").get(pk=entry.pk)
                 transaction.on_commit(lambda: events.publish(project.pk, "queue.leased", tile=entry.tile_id,
                                                              user=user.username))
+                return entry
+    return None
+
+
+# How many free entries one lease attempt tries in rank order before reading the queue again.
+LEASE_CANDIDATES = 8
+
+
+def _lease_by_compare_and_set(*, project: Project, user, open_entries, free: Q, lease: dict,
+                              now) -> QueueEntry | None:
+    """SQLite: one database write lock for every writer of every process, so the lease holds it
+    for one statement only. The candidates are read without it (WAL readers do not wait), then
+    each is tried with a single conditional UPDATE that re-checks, atomically, that the row is
+    still free and open and that the caller holds no other live lease; the first that changes a
+    row wins. Two callers reading the same candidates at once cost the loser one more UPDATE."""
+    holds_one = Exists(open_entries.filter(project=project, leased_by=user, lease_expires_at__gt=now))
+    for _ in range(5):
+        own = (
+            open_entries.filter(project=project, leased_by=user, lease_expires_at__gt=now)
+            .select_related("tile", "leased_by").order_by("rank").first()
+        )
+        if own is not None:
+            return own
+        candidates = list(open_entries.filter(project=project).filter(free).order_by("rank")
+                          .values_list("pk", flat=True)[:LEASE_CANDIDATES])
+        if not candidates:
+            return None
+        for pk in candidates:
+            if open_entries.filter(pk=pk).filter(free).filter(~holds_one).update(**lease):
+                entry = QueueEntry.objects.select_related("tile", "leased_by").get(pk=pk)
+                events.publish(project.pk, "queue.leased", tile=entry.tile_id, user=user.username)
                 return entry
     return None
 
