@@ -6,6 +6,14 @@ Input: a folder or zip with ``geojson/NAME.geojson`` / ``NAME.geojson`` files (o
 ``*.json``: ``images[].file_name`` names the image). An image is matched by checksum when the
 folder holds its pixels (``images/NAME.*``, same bytes as the project's image), else by name.
 
+Coordinates are the image's level-0 pixels (what QuPath writes, and what Karyo's image-layout
+exports write). On an image whose resolution differs from the project's working one they are
+scaled to working pixels (polygons: vertices divided by the level-0-per-working ratio, put back on
+integers within 1e-6 px; RLE: resampled nearest-neighbour, the inverse of the export's
+``upsample_labels``), so export -> import -> export gives the same nuclei. A Karyo
+``manifest.json`` whose ``images[].pixels.level0_per_pixel`` says a file is in other pixels (older
+exports wrote working pixels) is followed, for the nuclei and the annotated regions alike.
+
 All or nothing: every nucleus of every file is read and checked before anything is written, and
 the error lists every offending object: coordinates outside the image, a COCO image or a file that
 matches no image of the project, an unknown class, two nuclei whose polygons overlap (by at least
@@ -23,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,8 +230,40 @@ def _match_images(project: Project, sources: list[_Source], problems: list[str])
     return matched
 
 
-def _nuclei_of(image: Image, sources: list[_Source], resolve, problems: list[str]) -> list[Nucleus]:
-    width, height = image.width, image.height
+def _snap(points: np.ndarray) -> np.ndarray:
+    """Vertices within 1e-6 px of an integer put on it (pixel corners scaled there and back)."""
+    near = np.round(points)
+    return np.where(np.abs(points - near) < 1e-6, near, points)
+
+
+def _resample_crop(y0: int, x0: int, crop: np.ndarray, factor: float, height: int, width: int):
+    """A boolean crop at (y0, x0) of a file's pixel grid -> the same shape in working pixels
+    (``factor`` working pixels per file pixel), nearest neighbour: working pixel (r, c) takes file
+    pixel (floor((r + 0.5) / factor), floor((c + 0.5) / factor)), the inverse of the exporter's
+    ``upsample_labels``."""
+    r0, r1 = max(0, math.floor(y0 * factor)), min(height, math.ceil((y0 + crop.shape[0]) * factor))
+    c0, c1 = max(0, math.floor(x0 * factor)), min(width, math.ceil((x0 + crop.shape[1]) * factor))
+    if r1 <= r0 or c1 <= c0:
+        return (r0, c0), np.zeros((0, 0), bool)
+    rows = np.floor((np.arange(r0, r1) + 0.5) / factor).astype(np.int64) - y0
+    cols = np.floor((np.arange(c0, c1) + 0.5) / factor).astype(np.int64) - x0
+    inside_r = (rows >= 0) & (rows < crop.shape[0])
+    inside_c = (cols >= 0) & (cols < crop.shape[1])
+    out = crop[np.clip(rows, 0, crop.shape[0] - 1)[:, None], np.clip(cols, 0, crop.shape[1] - 1)[None, :]]
+    return (r0, c0), out & inside_r[:, None] & inside_c[None, :]
+
+
+def _nuclei_of(image: Image, sources: list[_Source], resolve, problems: list[str], *, scale: float = 1.0,
+               file_scale: float = 1.0) -> list[Nucleus]:
+    """The nuclei of ``sources`` in working pixels of ``image``. The files' coordinates are pixels
+    of ``file_scale`` level-0 pixels each (1.0: level 0, what QuPath writes; a Karyo manifest says
+    otherwise), checked against the image's size in those pixels; ``scale``: level-0 pixels per
+    working pixel."""
+    file_width, file_height = round(image.width / file_scale), round(image.height / file_scale)
+    width, height = max(1, int(image.width / scale)), max(1, int(image.height / scale))
+    factor = file_scale / scale  # working pixels per file pixel
+    if abs(factor - 1.0) < 1e-9:
+        factor = 1.0
     if width * height > MAX_IMAGE_PIXELS:
         problems.append(f"{image.name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit of "
                         "image-coordinate imports")
@@ -241,10 +282,12 @@ def _nuclei_of(image: Image, sources: list[_Source], resolve, problems: list[str
                 from .formats.coco import _segmentation_mask
 
                 try:
-                    (y0, x0), crop = _segmentation_mask(shape.rle, height, width, shape.where)
+                    (y0, x0), crop = _segmentation_mask(shape.rle, file_height, file_width, shape.where)
                 except InvalidUpload as exc:
                     problems.append(str(exc.detail))
                     continue
+                if factor != 1.0 and crop.any():
+                    (y0, x0), crop = _resample_crop(y0, x0, crop, factor, height, width)
             else:
                 points = np.concatenate([r for rings in shape.polygons for r in rings])
                 if not np.isfinite(points).all():
@@ -253,16 +296,19 @@ def _nuclei_of(image: Image, sources: list[_Source], resolve, problems: list[str
                 if any(len(r) > MAX_RING_VERTICES for rings in shape.polygons for r in rings):
                     problems.append(f"{shape.where}: a ring has more than {MAX_RING_VERTICES:,} vertices")
                     continue
-                outside = (points[:, 0] < 0) | (points[:, 1] < 0) | (points[:, 0] > width) | (points[:, 1] > height)
+                outside = ((points[:, 0] < 0) | (points[:, 1] < 0) | (points[:, 0] > file_width)
+                           | (points[:, 1] > file_height))
                 if outside.any():
                     x, y = points[outside][0].tolist()
-                    problems.append(f"{shape.where}: {int(outside.sum())} coordinate(s) outside the {width}x{height} "
-                                    f"image {image.name!r}, e.g. ({x:g}, {y:g})")
+                    problems.append(f"{shape.where}: {int(outside.sum())} coordinate(s) outside the {file_width}x"
+                                    f"{file_height} image {image.name!r}, e.g. ({x:g}, {y:g})")
                     continue
                 if any(_crossing_rings(r) for rings in shape.polygons for r in rings):
                     problems.append(f"{shape.where}: self-intersecting polygon (two of its edges cross)")
                     continue
-                (y0, x0), crop = polygons_shape(shape.polygons, height, width, rule="coco")
+                polygons = shape.polygons if factor == 1.0 else [[_snap(r * factor) for r in rings]
+                                                                 for rings in shape.polygons]
+                (y0, x0), crop = polygons_shape(polygons, height, width, rule="coco")
             if not crop.any():
                 continue
             k = len(nuclei) + 1
@@ -280,17 +326,33 @@ def _nuclei_of(image: Image, sources: list[_Source], resolve, problems: list[str
     return nuclei
 
 
-def _covered_tiles(image: Image, tiles: list[Tile], nuclei: list[Nucleus], regions: list[dict] | None) -> list[Tile]:
-    def hits(tile: Tile, x0: int, y0: int, x1: int, y1: int) -> bool:
-        return tile.x < x1 and x0 < tile.x + tile.w and tile.y < y1 and y0 < tile.y + tile.h
+def _tile_rect(tile: Tile, scale: float) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of ``tile`` in working pixels of its image (the stitcher's grid)."""
+    return round(tile.x / scale), round(tile.y / scale), int(tile.w), int(tile.h)
 
-    covered = []
-    for tile in tiles:
-        if any(hits(tile, *n.bbox) for n in nuclei) or any(
-            hits(tile, r["x"], r["y"], r["x"] + r["w"], r["y"] + r["h"]) for r in regions or []
-        ):
-            covered.append(tile)
-    return covered
+
+def _file_scale(entry: dict) -> float:
+    """Level-0 pixels per pixel of an image's files, from its manifest entry (1.0 without one)."""
+    try:
+        value = float((entry.get("pixels") or {}).get("level0_per_pixel", 1.0))
+    except (TypeError, ValueError, AttributeError):
+        return 1.0
+    return value if math.isfinite(value) and value > 0 else 1.0
+
+
+def _covered_tiles(image: Image, tiles: list[Tile], nuclei: list[Nucleus], regions: list[dict] | None, *,
+                   scale: float = 1.0, region_scale: float = 1.0) -> list[Tile]:
+    """The tiles a nucleus (working pixels) or an annotated region (pixels of ``region_scale``
+    level-0 pixels each, as the manifest wrote them) reaches."""
+    f = region_scale / scale
+    boxes = [n.bbox for n in nuclei] + [
+        (r["x"] * f, r["y"] * f, (r["x"] + r["w"]) * f, (r["y"] + r["h"]) * f) for r in regions or []]
+
+    def hits(rect, x0, y0, x1, y1) -> bool:
+        tx, ty, tw, th = rect
+        return tx < x1 and x0 < tx + tw and ty < y1 and y0 < ty + th
+
+    return [tile for tile in tiles if any(hits(_tile_rect(tile, scale), *box) for box in boxes)]
 
 
 def import_image_annotations(*, project: Project, path: Path, author=None, status: str = AnnotationStatus.REVIEWED,
@@ -315,17 +377,17 @@ def import_image_annotations(*, project: Project, path: Path, author=None, statu
         sources = _read_sources(root, problems)
     if not sources and not problems:
         problems.append("no QuPath GeoJSON or COCO file found")
-    regions_by_name = {str(i.get("name")): i.get("annotated_regions") for i in (manifest or {}).get("images") or []
-                       if isinstance(i, dict)}
+    manifest_images = {str(i.get("name")): i for i in (manifest or {}).get("images") or [] if isinstance(i, dict)}
     matched = _match_images(project, sources, problems)
     plans = []
     for image, image_sources in matched.values():
-        if level0_per_working_pixel(image, working_mpp=project.working_mpp) != 1.0:
-            problems.append(f"{image.name}: its resolution differs from the project's working one; "
-                            "image-coordinate imports need the two to coincide")
-            continue
-        nuclei = _nuclei_of(image, image_sources, resolve, problems)
-        plans.append((image, image_sources, nuclei))
+        # Coordinates are level-0 pixels of the image (QuPath's); a Karyo manifest may say its files
+        # are in other pixels (``images[].pixels.level0_per_pixel``: older exports wrote working ones).
+        scale = level0_per_working_pixel(image, working_mpp=project.working_mpp)
+        entry = next((manifest_images[Path(s.key).stem] for s in image_sources if Path(s.key).stem in manifest_images), {})
+        file_scale = _file_scale(entry)
+        nuclei = _nuclei_of(image, image_sources, resolve, problems, scale=scale, file_scale=file_scale)
+        plans.append((image, image_sources, nuclei, scale, file_scale, entry.get("annotated_regions")))
     if problems:
         shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
         raise InvalidUpload(f"{len(problems)} problem(s) in {label}, nothing imported: " + "; ".join(shown),
@@ -336,13 +398,13 @@ def import_image_annotations(*, project: Project, path: Path, author=None, statu
     tiles_written = 0
     try:
         with transaction.atomic():
-            for image, image_sources, nuclei in plans:
+            for image, _sources, nuclei, scale, file_scale, regions in plans:
                 tiles = list(Tile.objects.filter(image=image).order_by("y", "x", "id"))
-                regions = next((regions_by_name.get(Path(s.key).stem) for s in image_sources
-                                if regions_by_name.get(Path(s.key).stem)), None)
                 ids = list(range(1, len(nuclei) + 1))
-                for tile in _covered_tiles(image, tiles, nuclei, regions):
-                    window = label_window(nuclei, x=tile.x, y=tile.y, w=tile.w, h=tile.h, ids=ids)
+                for tile in _covered_tiles(image, tiles, nuclei, regions if isinstance(regions, list) else None,
+                                           scale=scale, region_scale=file_scale):
+                    x, y, w, h = _tile_rect(tile, scale)
+                    window = label_window(nuclei, x=x, y=y, w=w, h=h, ids=ids)
                     present = [int(v) for v in np.unique(window) if v]
                     tile_classes = {str(k): nuclei[k - 1].class_id or default_class for k in present}
                     annotation, _ = create_annotation(

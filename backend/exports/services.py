@@ -35,7 +35,7 @@ from backend.common.errors import InvalidUpload, KaryoError
 from backend.common.jobs import enqueue_on_commit
 from backend.common.storage import encode_png, read_label_map
 from backend.images.models import AnnotationSource, AnnotationStatus, Image
-from backend.images.pixels import level0_per_working_pixel, read_image_region, tile_png
+from backend.images.pixels import image_mpp, level0_per_working_pixel, read_image_region, tile_png
 from backend.images.stitching import TileLabels, annotated_regions, label_window, stitch
 from backend.projects.models import Project
 
@@ -309,6 +309,12 @@ class _ImageGroup:
     annotations: list
     items: list[tuple[PlanItem, int, int]]  # (plan item, x, y): the whole image, or PanNuke patches
     polygons_only: bool = False  # over the pixel limit, GeoJSON: features traced nucleus by nucleus, no image file
+    level0: bool = False  # written at the image's level-0 size (its resolution differs from the working one)
+
+    @property
+    def out_scale(self) -> float:
+        """Level-0 pixels per pixel of the written files (GeoJSON vertices, label maps, images)."""
+        return 1.0 if self.level0 or self.polygons_only else self.scale
 
 
 def _image_plan(project: Project, annotations, split_of: dict | None, *, pannuke: bool, polygons: bool = False):
@@ -327,16 +333,22 @@ def _image_plan(project: Project, annotations, split_of: dict | None, *, pannuke
         scale = level0_per_working_pixel(image, working_mpp=project.working_mpp)
         width, height = max(1, int(image.width / scale)), max(1, int(image.height / scale))
         split = split_of.get(image_id) if split_of else None
-        if width * height > IMAGE_LAYOUT_MAX_PIXELS and polygons:
-            item = PlanItem(name, split, width, height)
+        # An image whose resolution differs from the working one is written at its level-0 size
+        # (coordinates QuPath and COCO tools read on the source image); PanNuke patches stay in
+        # working pixels (the resolution a model is trained at).
+        level0 = scale != 1.0 and not pannuke
+        pixels = max(width * height, image.width * image.height if level0 else 0)
+        if pixels > IMAGE_LAYOUT_MAX_PIXELS and polygons:
+            item = PlanItem(name, split, image.width if level0 else width, image.height if level0 else height)
             plan.append(item)
             groups.append(_ImageGroup(image, name, split, scale, width, height, anns, [(item, 0, 0)], polygons_only=True))
             continue
-        if width * height > IMAGE_LAYOUT_MAX_PIXELS:
+        if pixels > IMAGE_LAYOUT_MAX_PIXELS:
             left_out.append({
                 "image": {"id": image.pk, "name": image.name, "width": image.width, "height": image.height},
                 "tiles": len(anns),
-                "reason": f"{width}x{height} pixels is over the image-layout limit of {IMAGE_LAYOUT_MAX_PIXELS:,} "
+                "reason": f"{max(width, image.width if level0 else 0)}x{max(height, image.height if level0 else 0)} "
+                          f"pixels is over the image-layout limit of {IMAGE_LAYOUT_MAX_PIXELS:,} "
                           "pixels (a full-size label map); export it with layout \"tile\"",
             })
             continue
@@ -348,10 +360,12 @@ def _image_plan(project: Project, annotations, split_of: dict | None, *, pannuke
                     w, h = min(PANNUKE_PATCH, width - x), min(PANNUKE_PATCH, height - y)
                     if any(tx < x + w and x < tx + tw and ty < y + h and y < ty + th for tx, ty, tw, th in rects):
                         items.append((PlanItem(f"{name}_x{x}_y{y}", split, w, h), x, y))
+        elif level0:
+            items = [(PlanItem(name, split, image.width, image.height), 0, 0)]
         else:
             items = [(PlanItem(name, split, width, height), 0, 0)]
         plan.extend(item for item, _, _ in items)
-        groups.append(_ImageGroup(image, name, split, scale, width, height, anns, items))
+        groups.append(_ImageGroup(image, name, split, scale, width, height, anns, items, level0=level0))
     if not groups:
         raise KaryoError("nothing to export in the image layout: every selected image is over the pixel limit "
                          f"({IMAGE_LAYOUT_MAX_PIXELS:,}); use layout \"tile\"", code="empty_export")
@@ -374,10 +388,12 @@ def _image_samples(group: _ImageGroup, *, project: Project, writer, default_clas
         raw = read_label_map(a.mask.name)
         raws[a.pk] = raw
         listed = {int(k): int(v) for k, v in (a.classes or {}).items()}
+        whole = bool(a.context_mask)  # the nuclei the tile owns, whole (issue 12): pasted as they are
         tiles.append(TileLabels(
             tile_id=a.tile_id, x=round(a.tile.x / group.scale), y=round(a.tile.y / group.scale),
-            instances=raw, classes=listed, annotation_id=a.pk, version=a.version,
-            shared_ids=a.source == AnnotationSource.IMPORTED,
+            instances=read_label_map(a.context_mask.name) if whole else raw, classes=listed, annotation_id=a.pk,
+            version=a.version, shared_ids=a.source == AnnotationSource.IMPORTED,
+            whole=whole, ox=a.context_x if whole else 0, oy=a.context_y if whole else 0, tile_w=a.tile.w, tile_h=a.tile.h,
         ))
     nuclei = [n for n in stitch(tiles, default_class=default_class) if not keep_classes or n.class_id in keep_classes]
     classes = {k: n.class_id for k, n in enumerate(nuclei, start=1)}
@@ -386,11 +402,18 @@ def _image_samples(group: _ImageGroup, *, project: Project, writer, default_clas
         # Level-0 vertices: drop the file onto the slide in QuPath.
         writer.add_nuclei(group.name, [(k, n.x0, n.y0, n.crop, n.class_id) for k, n in enumerate(nuclei, start=1)],
                           scale=group.scale)
+    elif group.level0:
+        # The stitched map (working pixels) resampled nearest-neighbour to the image's level-0 size,
+        # with the image's level-0 pixels: every format then writes level-0 coordinates.
+        instances = upsample_labels(label_window(nuclei, x=0, y=0, w=group.width, h=group.height),
+                                    width=group.image.width, height=group.image.height, scale=group.scale)
+        rgb = read_image_region(group.image, x=0, y=0, w=group.image.width, h=group.image.height,
+                                working_mpp=image_mpp(group.image, working_mpp=project.working_mpp))
     else:
         instances = label_window(nuclei, x=0, y=0, w=group.width, h=group.height)
         rgb = read_image_region(group.image, x=0, y=0, w=group.width, h=group.height, working_mpp=project.working_mpp)
     for item, x, y in [] if group.polygons_only else group.items:
-        if (item.width, item.height) == (group.width, group.height):
+        if (item.width, item.height) == instances.shape[::-1]:
             samples.append(ExportSample(name=item.name, image_png=encode_png(np.ascontiguousarray(rgb)),
                                         instances=instances, classes=classes, split=item.split))
             continue
@@ -412,8 +435,8 @@ def _image_samples(group: _ImageGroup, *, project: Project, writer, default_clas
         "split": group.split,
         "image": {"id": group.image.pk, "name": group.image.name, "sha256": group.image.sha256,
                   "width": group.image.width, "height": group.image.height},
-        "pixels": {"width": group.width, "height": group.height, "level0_per_pixel": group.scale},
-        "annotated_regions": annotated_regions(tiles),
+        "pixels": _pixels_meta(group),
+        "annotated_regions": _regions_meta(group, tiles),
         "label_map": not group.polygons_only,
         "image_file": None if group.polygons_only else f"images/{group.name}.png",
         "nuclei": len(nuclei),
@@ -422,6 +445,35 @@ def _image_samples(group: _ImageGroup, *, project: Project, writer, default_clas
         "class_ids": classes,  # taken out by the caller (counts), not written
     }
     return samples, metas, image_meta
+
+
+def upsample_labels(labels: np.ndarray, *, width: int, height: int, scale: float) -> np.ndarray:
+    """A working-pixel label map at ``width`` x ``height`` level-0 pixels (``scale`` level-0 pixels
+    per working pixel), nearest neighbour: level-0 pixel (r, c) takes working pixel
+    (floor((r + 0.5) / scale), floor((c + 0.5) / scale)). At an integer scale each working pixel
+    becomes a scale x scale block, so polygons traced on the result are the working ones times scale."""
+    rows = np.minimum(((np.arange(height) + 0.5) / scale).astype(np.int64), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) / scale).astype(np.int64), labels.shape[1] - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def _pixels_meta(group: _ImageGroup) -> dict:
+    """The pixel grid of the files written for ``group`` and the working grid its nuclei live in."""
+    if group.level0 or (group.polygons_only and group.scale != 1.0):
+        width, height = group.image.width, group.image.height
+    else:
+        width, height = group.width, group.height
+    return {"width": width, "height": height, "level0_per_pixel": group.out_scale,
+            "working": {"width": group.width, "height": group.height, "level0_per_pixel": group.scale}}
+
+
+def _regions_meta(group: _ImageGroup, tiles: list[TileLabels]) -> list[dict]:
+    """The annotated regions in the pixels of the written files (``_pixels_meta``): working pixels,
+    or each tile's level-0 rectangle when the files are at level 0."""
+    if group.out_scale == group.scale:
+        return annotated_regions(tiles)
+    return [{"x": a.tile.x, "y": a.tile.y, "w": math.ceil(a.tile.w * group.scale), "h": math.ceil(a.tile.h * group.scale),
+             "tile_id": a.tile_id} for a in group.annotations]
 
 
 class _Progress:

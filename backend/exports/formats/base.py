@@ -17,12 +17,17 @@ from backend.common.errors import InvalidUpload
 
 FORMAT_NAMES = ("png", "coco", "pannuke", "labelstudio", "geojson")
 
+_LEVEL0 = ("image layout, an image whose resolution differs from the project's working one: its nuclei (drawn at the "
+           "working resolution) are resampled nearest-neighbour to the image's level-0 size (exact blocks at an "
+           "integer ratio); manifest images[].pixels gives both grids")
+
 # What each format cannot express; repeated in the manifest and the dataset card.
 LOSSES = {
-    "png": ["none: images, instance label maps and class maps are stored pixel for pixel"],
+    "png": ["none: images, instance label maps and class maps are stored pixel for pixel", _LEVEL0],
     "coco": [
         "none for the masks: polygons follow pixel edges and rasterise back exactly with pycocotools "
         "(checked for every instance at export); instances with holes are written as RLE",
+        _LEVEL0,
     ],
     "pannuke": [
         "tiles smaller than the largest tile of a split are padded (bottom/right) to one array shape; "
@@ -36,12 +41,14 @@ LOSSES = {
         "corners on import",
         "a nucleus in several pieces becomes several regions with ids k<instance>p<piece>; "
         "regions drawn in Label Studio are one nucleus each",
+        _LEVEL0,
     ],
     "geojson": [
         "none for the masks: one Polygon (with holes) or MultiPolygon per nucleus, vertices on pixel corners",
-        "coordinates are those of images/NAME.png: the whole image in the image layout (the default; level-0 "
-        "pixels unless the image's resolution differs from the working one, see manifest images[].pixels), "
-        "the tile in the tile layout",
+        "coordinates are those of images/NAME.png: the whole image in the image layout (the default), in the "
+        "source image's level-0 pixels (an image whose resolution differs from the working one is written at its "
+        "level-0 size, its stitched label map resampled nearest-neighbour; see manifest images[].pixels), the "
+        "tile in the tile layout",
     ],
 }
 
