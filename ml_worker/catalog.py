@@ -647,7 +647,8 @@ STRATEGIES: tuple[Strategy, ...] = (
              ("tta",)),
     Strategy("hybrid", "Hybrid (default)",
              "the most uncertain tiles by entropy, thinned to a batch of different-looking ones (k-center on the "
-             "model's features)", "entropy", ("embeddings",)),
+             "model's features); while labels are few the queue starts with typical tiles (all up to 8 labelled "
+             "tiles, none from 24)", "entropy", ("embeddings",)),
     Strategy("hybrid_boundary", "Hybrid on boundaries",
              "as hybrid, with the uncertainty measured on the nucleus outlines", "boundary", ("embeddings",)),
     Strategy("hybrid_rep", "Hybrid, representative",
@@ -665,6 +666,50 @@ STRATEGIES: tuple[Strategy, ...] = (
 )
 
 DEFAULT_STRATEGY = "hybrid"
+
+#: the product's warm-up (``ml_worker.active_learning.warmup``): with no model, or with fewer
+#: labelled tiles than ``WARM_FROM``, part of every batch is typical tiles (all of it up to
+#: ``COLD_UNTIL``); every strategy but ``random``, ``typical`` and ``adaptive`` gets it
+WARM_UP = {"cold_until": 8, "warm_from": 24, "not_for": ["random", "typical", "adaptive"]}
+
+
+# ============================================================================ self-supervised pretraining
+#: options of a project's encoder pretraining (``ml_worker.ssl.SSLConfig``; the model is the
+#: project's default architecture and width, the input standardisation its training runs')
+SSL_OPTIONS: tuple[Option, ...] = (
+    Option("steps", "int", 200, "optimizer steps (200: a few CPU minutes on a width-8 U-Net)", minimum=1,
+           maximum=100000),
+    Option("batch_size", "int", 16, "tiles per step (two random views of each)", minimum=2, maximum=1024),
+    Option("crop", "int", 64, "side of a view in pixels (smaller tiles are mirror-padded)", minimum=16,
+           maximum=1024),
+    Option("lr", "float", 0.05, "SGD learning rate (momentum 0.9, cosine decay)", minimum=0, maximum=1,
+           exclusive_minimum=True),
+    Option("max_tiles", "int", 512, "at most this many of the project's unlabelled tiles (a seeded sample)",
+           minimum=2, maximum=100000),
+)
+_SSL_BY_NAME = {o.name: o for o in SSL_OPTIONS}
+
+
+def ssl_defaults() -> dict[str, Any]:
+    return {o.name: o.default for o in SSL_OPTIONS}
+
+
+def validate_ssl_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Pretraining options, checked and converted, over :func:`ssl_defaults`.
+
+    Raises:
+        CatalogError: naming the option and what it accepts.
+    """
+    if options is not None and not isinstance(options, Mapping):
+        raise CatalogError("the pretraining config must be an object of option: value", field="config",
+                           valid=list(_SSL_BY_NAME), value=options)
+    clean = ssl_defaults()
+    for key, value in (options or {}).items():
+        if key not in _SSL_BY_NAME:
+            raise CatalogError(f"unknown pretraining option {key!r}; valid: {', '.join(_SSL_BY_NAME)}",
+                               field=str(key), valid=list(_SSL_BY_NAME), value=value)
+        clean[key] = _SSL_BY_NAME[key].clean(value)
+    return clean
 
 
 # ============================================================================ lookups
@@ -853,5 +898,7 @@ def as_dict() -> dict[str, Any]:
         "scores": [s.as_dict() for s in SCORES],
         "strategies": [s.as_dict() for s in STRATEGIES],
         "default_strategy": DEFAULT_STRATEGY,
+        "warm_up": dict(WARM_UP),
+        "ssl_options": [o.as_dict() for o in SSL_OPTIONS],
     }
 

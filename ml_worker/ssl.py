@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SSLConfig", "pretrain", "ssl_embeddings"]
+__all__ = ["SSLConfig", "pretrain", "ssl_embeddings", "random_encoder_embeddings", "INPUT_NORMS"]
+
+#: how a tile becomes the encoder's input: ``dataset`` (channel statistics of all the tiles,
+#: stored in the checkpoint) or ``image`` (each tile's own z-score, as training runs default to)
+INPUT_NORMS = ("dataset", "image")
 
 
 @dataclass
@@ -48,6 +52,8 @@ class SSLConfig:
         proj_dim: projector / predictor width.
         seed: views, initialisation.
         threads: torch CPU threads (None: torch's default).
+        input_norm: :data:`INPUT_NORMS`; use the training runs' own (``TrainConfig.input_norm``)
+            when the checkpoint is to start them.
     """
 
     arch: str = "unet"
@@ -59,6 +65,7 @@ class SSLConfig:
     proj_dim: int = 128
     seed: int = 0
     threads: int | None = None
+    input_norm: str = "dataset"
 
 
 def _views(batch: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
@@ -82,17 +89,25 @@ def _views(batch: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray
     return out
 
 
-def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfig | None = None) -> dict[str, Any]:
+def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfig | None = None, *,
+             progress: Callable[[dict[str, Any]], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Pretrain the encoder of a fresh ``config.arch`` model on ``tiles`` and save it.
 
     Args:
         tiles: (H, W, 3) uint8 RGB tiles without labels (any sizes >= 8 px).
-        out_path: the Karyo checkpoint to write (``TrainConfig.init_weights``-ready).
+        out_path: the Karyo checkpoint to write (``TrainConfig.init_weights``-ready); written
+            to a temporary file and renamed (``save_checkpoint``): never half-written.
         config: :class:`SSLConfig`.
+        progress: called every ``max(1, steps // 20)`` steps and at the end with
+            ``{"event": "step", "step", "steps", "loss", "progress"}``.
+        should_stop: polled before every step; when it returns True nothing is written and
+            the result's ``status`` is ``"cancelled"``.
 
     Returns:
-        ``{"path", "loss_first", "loss_last", "seconds", "steps"}``; the loss is the
-        negative cosine similarity (-1 = views agree perfectly).
+        ``{"status": "done" | "cancelled", "path" (None when cancelled), "loss_first",
+        "loss_last", "seconds", "steps"}``; the loss is the negative cosine similarity
+        (-1 = views agree perfectly).
     """
     import torch
     from torch import nn
@@ -106,6 +121,8 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
         raise ValueError("self-supervised pretraining needs at least one tile")
     if cfg.steps < 1 or cfg.batch_size < 2 or cfg.crop < 8:
         raise ValueError("need steps >= 1, batch_size >= 2 and crop >= 8")
+    if cfg.input_norm not in INPUT_NORMS:
+        raise ValueError(f"unknown input_norm {cfg.input_norm!r}; choose from {', '.join(INPUT_NORMS)}")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     t0 = time.perf_counter()
@@ -115,7 +132,7 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
     div = int(getattr(model, "size_divisor", 1) or 1)
     crop = max(div, (int(cfg.crop) // div) * div)
     imgs = [np.asarray(t) for t in tiles]
-    prep = Preprocessing.fit(imgs)
+    prep = Preprocessing.fit(imgs) if cfg.input_norm == "dataset" else Preprocessing()
     arrays = []
     for im in imgs:
         x = preprocess(im, prep)
@@ -140,7 +157,13 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
     def neg_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return -nn.functional.cosine_similarity(a, b.detach(), dim=1).mean()
 
+    every = max(1, int(cfg.steps) // 20)
     for step in range(int(cfg.steps)):
+        if should_stop is not None and should_stop():
+            log.info("ssl pretraining stopped at step %d/%d", step, cfg.steps)
+            return {"status": "cancelled", "path": None, "steps": step, "seconds": time.perf_counter() - t0,
+                    "loss_first": float(np.mean(losses[:1])) if losses else None,
+                    "loss_last": losses[-1] if losses else None}
         pick = rng.choice(len(arrays), bs, replace=len(arrays) < bs)
         batch = [arrays[i] for i in pick]
         v1 = torch.from_numpy(np.stack([_views(b[None], crop, rng)[0] for b in batch]))
@@ -155,12 +178,15 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
         losses.append(float(loss.detach()))
         if step % 50 == 0:
             log.info("ssl step %d/%d: loss %.4f", step, cfg.steps, losses[-1])
+        if progress is not None and ((step + 1) % every == 0 or step + 1 == cfg.steps):
+            progress({"event": "step", "step": step + 1, "steps": int(cfg.steps), "loss": losses[-1],
+                      "progress": (step + 1) / int(cfg.steps)})
     model.eval()
     info = {"config": asdict(cfg), "loss_first": float(np.mean(losses[: max(1, len(losses) // 10)])),
             "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])), "steps": len(losses),
             "tiles": len(arrays)}
     path = save_checkpoint(out_path, model, ssl=info, preprocess=prep.to_dict())
-    return {"path": str(path), **{k: info[k] for k in ("loss_first", "loss_last", "steps")},
+    return {"status": "done", "path": str(path), **{k: info[k] for k in ("loss_first", "loss_last", "steps")},
             "seconds": time.perf_counter() - t0}
 
 
@@ -174,6 +200,32 @@ def ssl_embeddings(checkpoint: str | Path, tiles: Sequence[np.ndarray], *, tile_
     model, meta = load_checkpoint(checkpoint)
     prep = Preprocessing.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
     return np.stack([embed_tile(model, t, normalizer=prep, tile_size=tile_size, device="cpu") for t in tiles])
+
+
+#: the encoder of :func:`random_encoder_embeddings` (small: it only has to tell tiles apart)
+RANDOM_ENCODER = {"arch": "unet", "model_kwargs": {"width": 8}}
+
+
+def random_encoder_embeddings(tiles: Sequence[np.ndarray], *, seed: int = 0, tile_size: int = 256) -> np.ndarray:
+    """(n, D) cold-start features that need neither labels nor pretraining: ``model.embed`` of
+    a randomly initialised :data:`RANDOM_ENCODER` (weights drawn from ``seed``, so the same
+    tiles give the same features), the input standardised by the channel statistics of the
+    tiles themselves. Random convolutional features still separate stain, density and
+    texture; this is what ``ml_worker.al_sim``'s cold-start strategies use without ``+ssl``."""
+    import torch
+
+    from ml_worker.active_learning import embed_tile
+    from ml_worker.data import Preprocessing
+    from ml_worker.models import create_model
+
+    imgs = [np.asarray(t) for t in tiles]
+    if not imgs:
+        return np.zeros((0, 0), np.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = create_model(RANDOM_ENCODER["arch"], **RANDOM_ENCODER["model_kwargs"]).eval()
+    prep = Preprocessing.fit(imgs)
+    return np.stack([embed_tile(model, t, normalizer=prep, tile_size=tile_size, device="cpu") for t in imgs])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
