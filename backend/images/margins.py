@@ -66,19 +66,23 @@ def context_frame(*, tile: Tile, margin: int | None = None) -> Frame:
     return Frame(x=x0, y=y0, w=x1 - x0, h=y1 - y0, tile_x=tx - x0, tile_y=ty - y0, tile_w=tile.w, tile_h=tile.h)
 
 
-def tile_rects(*, tile: Tile) -> tuple[list[tuple[int, int, int, int]], int]:
-    """The rectangles (x0, y0, x1, y1; working px) of every tile of ``tile``'s image, and the
-    index of ``tile`` among them."""
-    image = tile.image
-    scale = level0_per_working_pixel(image, working_mpp=tile.project.working_mpp)
-    rows = list(Tile.objects.filter(image_id=image.pk).order_by("y", "x", "id").values_list("id", "x", "y", "w", "h"))
-    rects, index = [], -1
-    for k, (tile_id, x, y, w, h) in enumerate(rows):
+def image_tile_rects(*, image, working_mpp: float) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+    """The ids and rectangles (x0, y0, x1, y1; working px) of every tile of ``image``."""
+    scale = level0_per_working_pixel(image, working_mpp=working_mpp)
+    ids, rects = [], []
+    for tile_id, x, y, w, h in Tile.objects.filter(image_id=image.pk).order_by("y", "x", "id").values_list(
+            "id", "x", "y", "w", "h"):
         x0, y0 = round(x / scale), round(y / scale)
+        ids.append(tile_id)
         rects.append((x0, y0, x0 + w, y0 + h))
-        if tile_id == tile.pk:
-            index = k
-    return rects, index
+    return ids, rects
+
+
+def tile_rects(*, tile: Tile) -> tuple[list[tuple[int, int, int, int]], int]:
+    """The rectangles of every tile of ``tile``'s image (:func:`image_tile_rects`), and the index
+    of ``tile`` among them."""
+    ids, rects = image_tile_rects(image=tile.image, working_mpp=tile.project.working_mpp)
+    return rects, ids.index(tile.pk)
 
 
 def centroids(instances: np.ndarray) -> dict[int, tuple[float, float]]:

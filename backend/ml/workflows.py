@@ -25,6 +25,7 @@ from backend.projects.models import Project
 from ml_worker import catalog
 
 from . import events
+from .context_prediction import ContextPredictor, OwnedPrediction
 from .models import ModelStatus, ModelVersion, Prediction, QueueEntry, RunStatus, TrainingRun
 from .services import after_promotion, gate, promote, replace_queue, unlabelled_tiles
 from .signals import queue_ranked
@@ -401,13 +402,16 @@ def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int
     temperature = ((model_version.metrics or {}).get("calibration") or {}).get("temperature")
     done = seen = 0
     slide_totals = _slide_totals(tiles)
+    # The nuclei each tile owns, whole (issue 12): predicted on the image (or the tile's context).
+    whole = ContextPredictor(model=model, normalizer=normalizer, tile_size=tile_size, classes=model_version.classes or [])
     for batch in _batches(prefetched_pixels(tiles), PREDICT_BATCH):
         # Tiles of one shape go through the network together; reads of the next ones overlap.
         analyses = analyze_tiles(model, [rgb for _, rgb in batch], normalizer=normalizer, tile_size=tile_size,
                                  batch_size=PREDICT_BATCH, temperature=temperature, **extra)
         for tile, analysis in zip([t for t, _ in batch], analyses):
+            owned = whole(tile)
             done += _store_prediction(tile=tile, analysis=analysis, model_version=model_version,
-                                      classes=nucleus_classes(model, analysis, model_version.classes or []))
+                                      classes=owned.classes, owned=owned)
         seen += len(batch)
         events.publish(project_id, "predict.progress", model_version=model_version.pk, done=seen, total=len(tiles))
         _publish_slide_progress(project_id, model_version, slide_totals, tiles[:seen])
@@ -445,10 +449,14 @@ def nucleus_classes(model, analysis, classes: list[dict]) -> dict[str, list]:
     }
 
 
-def _store_prediction(*, tile: Tile, analysis, model_version: ModelVersion, classes: dict | None = None) -> int:
+def _store_prediction(*, tile: Tile, analysis, model_version: ModelVersion, classes: dict | None = None,
+                      owned: OwnedPrediction | None = None) -> int:
     """Store one tile's prediction (mask + heat map + scores + class per nucleus); 0 when a
-    retried task already did."""
-    png = encode_png(analysis.instances)
+    retried task already did. ``owned``: the nuclei the tile owns, whole (``context_prediction``),
+    stored as ``context_mask`` with their tile-box crop as ``mask`` (``classes`` name their ids);
+    without it the tile analysis' own instance map is the mask."""
+    png = encode_png(owned.tile_box(w=tile.w, h=tile.h) if owned is not None else analysis.instances)
+    context_png = encode_png(owned.instances) if owned is not None else None
     heat = uncertainty_png(analysis)
     try:
         with StagedWrites() as staged, transaction.atomic():
@@ -456,8 +464,12 @@ def _store_prediction(*, tile: Tile, analysis, model_version: ModelVersion, clas
             if heat is not None:
                 # Next to the mask, by name: the browser's queue shows it as a heat map.
                 staged.save(uncertainty_name(name), heat)
+            context_name = (staged.save(f"predictions/{model_version.pk}/{tile.pk}-context.png", context_png)
+                            if context_png is not None else "")
             Prediction.objects.create(
-                tile=tile, model_version=model_version, mask=name, nucleus_count=int(analysis.nucleus_count),
+                tile=tile, model_version=model_version, mask=name, context_mask=context_name,
+                context_x=owned.dx if owned is not None else 0, context_y=owned.dy if owned is not None else 0,
+                nucleus_count=owned.nucleus_count if owned is not None else int(analysis.nucleus_count),
                 uncertainty={k: float(v) for k, v in analysis.scores.items()},
                 embedding=[float(x) for x in np.asarray(analysis.embedding).ravel()], classes=classes or {},
             )
