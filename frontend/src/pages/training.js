@@ -4,17 +4,155 @@ import { api, listAll } from "../lib/api.js";
 import { runSeries } from "../lib/chart.js";
 import { lineChart } from "../lib/plot.js";
 import { h, replace } from "../lib/dom.js";
-import { duration, etaText, metric, parseTrainingForm, relativeTime, roleAtLeast, runEtaSeconds, runProgress, statusLabel, withArticle } from "../lib/format.js";
+import { architectureRules, describeOption, duration, errorField, etaText, metric, parseTrainingForm, relativeTime, roleAtLeast, runEtaSeconds, runProgress, statusLabel, trainingFormStart, withArticle } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, onWorkerStatus, progressBar, projectUrl, spinner, toast } from "../lib/layout.js";
 
 const LIVE = ["queued", "running"];
 
-function field(label, input, help = null) {
-  return h("label", { class: "field" }, h("span", { class: "field-label" }, label), input, help ? h("span", { class: "field-help" }, help) : null);
+// The launch form's fields, in order; the rest of the catalog's run options stay at the
+// project's defaults (set them in the project's training defaults).
+const MAIN_FIELDS = [["epochs", "Epochs"], ["lr", "Learning rate"], ["batch_size", "Batch size"], ["tile_size", "Tile size"],
+  ["stain_norm", "Stain normalisation"], ["loss", "Loss"]];
+const MORE_FIELDS = [["width", "Width"], ["steps_per_epoch", "Patches per epoch"], ["augment", "Augmentation"],
+  ["optimizer", "Optimizer"], ["lr_schedule", "Learning-rate schedule"], ["warmup_epochs", "Warm-up epochs"],
+  ["ema_decay", "Weight averaging (EMA decay)"], ["early_stopping_patience", "Early-stopping patience"]];
+
+// One labelled field: its input, a one-line explanation and a slot for its error.
+function field(name, label, input, help) {
+  return h("label", { class: "field", "data-field": name }, h("span", { class: "field-label" }, label), input,
+    h("span", { class: "field-help", "data-testid": `help-${name}` }, help ?? ""),
+    h("span", { class: "form-errors", role: "alert", "data-testid": `error-${name}` }));
 }
 
-function select(name, options, value) {
-  return h("select", { name }, options.map(([v, label]) => h("option", { value: v, selected: String(v) === String(value ?? "") || null }, label)));
+function choiceOptions(choices, value, empty = null) {
+  const items = empty ? [["", empty], ...choices] : choices;
+  return items.map(([v, label, title]) => h("option", { value: v, title, selected: String(v) === String(value ?? "") || null }, label));
+}
+
+// An input for one catalog option: a select of its choices, else a number or text box with its bounds.
+function optionInput(option, value, choices = null, emptyLabel = "default") {
+  const named = choices ?? (option.choices ? option.choices.map((c) => [c, c]) : null);
+  if (named) return h("select", { name: option.name }, choiceOptions(named, value, option.nullable ? emptyLabel : null));
+  const numeric = option.type === "int";
+  return h("input", {
+    name: option.name, type: numeric ? "number" : "text", inputmode: option.type === "float" ? "decimal" : null,
+    min: numeric ? (option.minimum ?? option.exclusive_minimum) : null, max: numeric ? (option.maximum ?? option.exclusive_maximum) : null,
+    value: value ?? "", placeholder: option.nullable ? "default" : null,
+  });
+}
+
+// The launch form: starts from the project's own settings (trainingFormStart), checks every value
+// against the catalog before sending, sends only what differs from what the server would use
+// anyway (so a preset sets what the user leaves alone), and shows a 400 next to the field it names.
+function launchForm(catalog, project, launch) {
+  const start = trainingFormStart(catalog, project);
+  const options = new Map(catalog.training_options.map((o) => [o.name, o]));
+  const touched = new Set();
+  const named = (list) => list.map((c) => [c.name, c.label || c.name, c.help]);
+  const explain = (o) => `${o.help}; ${describeOption(o)}`;
+  const general = h("div", { class: "form-errors", role: "alert", "data-testid": "launch-errors" });
+  const archSelect = h("select", { name: "architecture" }, choiceOptions(named(catalog.architectures), start.architecture));
+  const archField = field("architecture", "Architecture", archSelect);
+  const presetField = field("preset", "Preset", h("select", { name: "preset" }));
+  const headOption = options.get("instance_head");
+  const headField = field("instance_head", "Instance head", optionInput(headOption, start.values.instance_head,
+    headOption.choices.map((c) => [c, c === "hv" ? "hv: horizontal/vertical distance maps (HoVer-Net style)" : c]), "none: the architecture's own split"),
+  headOption.help);
+  const lossField = field("loss", "Loss", h("select", { name: "loss" }));
+  const input = (name) => name === "stain_norm"
+    ? optionInput(options.get(name), start.values[name], named(catalog.stain_normalizers))
+    : name === "augment" ? optionInput(options.get(name), start.values[name], named(catalog.augment_presets))
+      : name === "optimizer" ? optionInput(options.get(name), start.values[name], named(catalog.optimizers))
+        : optionInput(options.get(name), start.values[name]);
+  const fieldFor = ([name, label]) => name === "loss" ? lossField
+    : options.has(name) ? field(name, label, input(name), explain(options.get(name))) : null;
+  const pairs = (list) => {
+    const out = [];
+    for (let i = 0; i < list.length; i += 2) out.push(h("div", { class: "field-row" }, list.slice(i, i + 2).map(fieldFor)));
+    return out;
+  };
+  const form = h("form", { class: "form", "data-testid": "launch-form", novalidate: true },
+    archField, presetField, headField,
+    pairs(MAIN_FIELDS),
+    h("details", { class: "advanced" }, h("summary", {}, "More options"), pairs(MORE_FIELDS)),
+    general,
+    h("button", { class: "btn btn-primary", type: "submit", "data-testid": "launch" }, "Launch training run"));
+
+  const help = (name, text) => { form.querySelector(`[data-testid=help-${name}]`).textContent = text; };
+  // The architecture decides the presets, the losses and whether an instance head applies.
+  function fitArchitecture() {
+    const rules = architectureRules(catalog, archSelect.value);
+    help("architecture", rules?.arch.help ?? "");
+    const presetSelect = form.querySelector("select[name=preset]");
+    const preset = presetSelect.value || start.values.preset;
+    replace(presetSelect, choiceOptions(named(rules?.presets ?? []), preset, "none: the options below"));
+    const lossSelect = form.querySelector("select[name=loss]");
+    const loss = lossSelect.value || start.values.loss;
+    replace(lossSelect, choiceOptions(named(rules?.losses ?? []), loss, `the architecture's default (${rules?.arch.default_loss ?? "?"})`));
+    help("loss", lossSelect.selectedOptions[0]?.title || options.get("loss").help);
+    const head = form.querySelector("select[name=instance_head]");
+    headField.hidden = !rules?.instanceHead;
+    headField.style.display = headField.hidden ? "none" : ""; // .field's display: flex beats [hidden]
+    const tile = form.querySelector("input[name=tile_size]");
+    if (tile && rules) tile.step = rules.arch.size_divisor;
+    if (!rules?.instanceHead) head.value = "";
+    explainPreset();
+  }
+  function explainPreset() {
+    const chosen = form.querySelector("select[name=preset]").selectedOptions[0];
+    help("preset", chosen?.value ? `${chosen.title}. It sets what you leave unchanged below; the project's training defaults and your changes win.`
+      : options.get("preset").help);
+  }
+  for (const name of ["stain_norm", "augment", "optimizer"]) {
+    const select = form.querySelector(`select[name=${name}]`);
+    const update = () => help(name, select.selectedOptions[0]?.title || options.get(name).help);
+    select?.addEventListener("change", update);
+    if (select) update();
+  }
+  archSelect.addEventListener("change", fitArchitecture);
+  form.querySelector("select[name=preset]").addEventListener("change", explainPreset);
+  form.addEventListener("input", (e) => { if (e.target.name) touched.add(e.target.name); });
+  form.addEventListener("change", (e) => { if (e.target.name) touched.add(e.target.name); });
+  fitArchitecture();
+
+  function showErrors(errors) {
+    for (const slot of form.querySelectorAll("[data-testid^=error-]")) replace(slot);
+    for (const el of form.querySelectorAll(".field.invalid")) el.classList.remove("invalid");
+    const left = [];
+    for (const [name, message] of Object.entries(errors)) {
+      const slot = form.querySelector(`[data-testid=error-${name}]`);
+      if (slot && !slot.closest("[hidden]")) {
+        replace(slot, message);
+        slot.closest(".field").classList.add("invalid");
+        slot.closest("details")?.setAttribute("open", "");
+      } else left.push(`${name.replaceAll("_", " ")}: ${message}`);
+    }
+    replace(general, left.map((m) => h("div", {}, m)));
+  }
+
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const values = Object.fromEntries(new FormData(form).entries());
+    const architecture = values.architecture;
+    delete values.architecture;
+    if (headField.hidden) delete values.instance_head;
+    const parsed = parseTrainingForm(values, catalog, { architecture, base: start.base, touched });
+    showErrors(parsed.errors);
+    if (!parsed.ok) return;
+    const button = form.querySelector("button[type=submit]");
+    button.disabled = true;
+    try {
+      await launch({ architecture, config: parsed.config });
+    } catch (error) {
+      // A 400 names the field it is about (the catalog's check on the server): show it there.
+      const name = errorField(error);
+      showErrors(name ? { [name]: error.message.replace(/^config: /, "") } : {});
+      if (!name) replace(general, h("div", {}, error.message));
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return form;
 }
 
 export async function render(main, { config, socket }) {
@@ -30,55 +168,22 @@ export async function render(main, { config, socket }) {
     h("div", { class: "train-grid" }, h("div", { class: "col-side" }, formSlot), h("div", { class: "col-main" }, runSlot, runsSlot)));
 
   let summary;
+  let catalog;
   try {
-    summary = await api(`/api/projects/${project.id}/summary/`);
+    [summary, catalog] = await Promise.all([api(`/api/projects/${project.id}/summary/`), isAdmin ? api("/api/catalog/") : null]);
   } catch (error) {
     replace(runsSlot, errorBox(error, () => location.reload()));
     return;
   }
 
-  // --- launch form (admins) ---
+  // --- launch form (admins): every choice, bound, default and explanation from the engine catalog ---
   if (isAdmin) {
-    const tf = summary.training_form;
-    const d = tf.defaults;
-    const errors = h("div", { class: "form-errors", role: "alert" });
-    const form = h("form", { class: "form", "data-testid": "launch-form" },
-      field("Architecture", select("architecture", tf.architectures.map((a) => [a, a]), tf.default_architecture)),
-      h("div", { class: "field-row" },
-        field("Epochs", h("input", { name: "epochs", type: "number", min: 1, value: d.epochs ?? "" })),
-        field("Learning rate", h("input", { name: "lr", type: "text", inputmode: "decimal", value: d.lr ?? "" }))),
-      h("div", { class: "field-row" },
-        field("Batch size", h("input", { name: "batch_size", type: "number", min: 1, value: d.batch_size ?? "" })),
-        field("Tile size", h("input", { name: "tile_size", type: "number", min: 32, step: 32, value: d.tile_size ?? "" }))),
-      field("Stain normalisation", select("stain_norm", tf.stain_norms.map((s) => [s, s]), d.stain_norm)),
-      field("Loss", select("loss", [["", "the architecture's default"], ...tf.losses.map((l) => [l, l])], d.loss || "")),
-      h("details", { class: "advanced" }, h("summary", {}, "More options"),
-        h("div", { class: "field-row" },
-          field("Width", h("input", { name: "width", type: "number", min: 1, value: d.width ?? "", placeholder: "model default" })),
-          field("Patches per epoch", h("input", { name: "steps_per_epoch", type: "number", min: 1, value: d.steps_per_epoch ?? "", placeholder: "auto" }))),
-        field("Augmentation", select("augment", tf.augment.map((a) => [a, a]), d.augment))),
-      errors,
-      h("button", { class: "btn btn-primary", type: "submit", "data-testid": "launch" }, "Launch training run"));
-    form.addEventListener("submit", async (e) => {
-      e.preventDefault();
-      const values = Object.fromEntries(new FormData(form).entries());
-      const parsed = parseTrainingForm(values);
-      replace(errors, Object.entries(parsed.errors).map(([k, v]) => h("div", {}, `${k.replace("_", " ")}: ${v}`)));
-      if (!parsed.ok) return;
-      const button = form.querySelector("button[type=submit]");
-      button.disabled = true;
-      try {
-        const run = await api(`/api/projects/${project.id}/training-runs/`, { method: "POST", body: { architecture: values.architecture, config: parsed.config } });
-        toast(`Run ${run.id} queued.`, "ok");
-        state.selected = run.id;
-        await loadRuns();
-      } catch (error) {
-        replace(errors, h("div", {}, error.message));
-      } finally {
-        button.disabled = false;
-      }
-    });
-    replace(formSlot, card("Launch a run", form));
+    replace(formSlot, card("Launch a run", launchForm(catalog, summary.project, async (body) => {
+      const run = await api(`/api/projects/${project.id}/training-runs/`, { method: "POST", body });
+      toast(`Run ${run.id} queued.`, "ok");
+      state.selected = run.id;
+      await loadRuns();
+    })));
   } else {
     replace(formSlot, card("Launch a run", h("p", { class: "muted", "data-testid": "launch-denied" },
       `Launching and cancelling runs needs the admin role; you are ${withArticle(project.my_role)}. You can watch runs here.`)));

@@ -7,6 +7,7 @@ import { addMerge, planEdits, pruneMerges } from "../lib/edits.js";
 import { loadLabelStudio, NucleusEditor } from "../lib/editor.js";
 import { duration, plural, relativeTime, roleAtLeast, statusLabel, withArticle } from "../lib/format.js";
 import { badge, card, emptyState, errorBox, projectUrl, spinner, toast } from "../lib/layout.js";
+import { typedPredictionNote } from "../lib/typed.js";
 
 const SHORTCUTS = [
   ["Ctrl+Enter", "submit and open the next tile"],
@@ -135,10 +136,7 @@ export async function render(main, { config }) {
         h("strong", {}, payload.source === "prediction" ? `the prediction of model v${payload.prediction.version}`
           : payload.source === "annotation" ? `annotation v${payload.annotation.version} (${statusLabel(payload.annotation.status)})` : "an empty tile"),
         ` · ${plural(payload.nuclei, "nucleus", "nuclei")}`,
-        payload.source === "prediction" && payload.prediction?.typed
-          ? h("span", { class: "note-inline", "data-testid": "typed-prediction" },
-            ` · classes predicted by the model (${lowConfidence(payload.result)} below ${Math.round(100 * LOW_CONFIDENCE)} % confidence: check them)`)
-          : null,
+        payload.source === "prediction" && payload.prediction?.typed ? typedPredictionNote(payload.result) : null,
         payload.source === "empty" && !payload.prediction ? h("span", { class: "note-inline" }, " — no prediction yet (no model), draw the nuclei yourself") : null);
       replace(lsLink, payload.label_studio?.task_url
         ? h("a", { class: "link", href: payload.label_studio.task_url, target: "_blank", rel: "noopener" }, "Open this task in the Label Studio server ↗")
@@ -300,12 +298,4 @@ export async function render(main, { config }) {
 
   window.history.replaceState({ tileId: state.tileId }, "", location.href);
   await openTile(state.tileId);
-}
-
-// A typed prediction's nuclei whose class the model is unsure of (its region score, the class'
-// share of the nucleus' probability): worth a look before accepting.
-const LOW_CONFIDENCE = 0.6;
-function lowConfidence(result) {
-  const ids = new Set(result.filter((r) => typeof r.score === "number" && r.score < LOW_CONFIDENCE).map((r) => r.id.split("p")[0]));
-  return plural(ids.size, "nucleus", "nuclei");
 }
