@@ -335,20 +335,21 @@ def _image_plan(project: Project, annotations, split_of: dict | None, *, pannuke
         split = split_of.get(image_id) if split_of else None
         # An image whose resolution differs from the working one is written at its level-0 size
         # (coordinates QuPath and COCO tools read on the source image); PanNuke patches stay in
-        # working pixels (the resolution a model is trained at).
-        level0 = scale != 1.0 and not pannuke
-        pixels = max(width * height, image.width * image.height if level0 else 0)
-        if pixels > IMAGE_LAYOUT_MAX_PIXELS and polygons:
-            item = PlanItem(name, split, image.width if level0 else width, image.height if level0 else height)
+        # working pixels (the resolution a model is trained at). When its level-0 size is over the
+        # limit, GeoJSON is traced nucleus by nucleus in level-0 pixels (no image file) and the other
+        # formats are written in working pixels (manifest images[].pixels says so).
+        level0 = scale != 1.0 and not pannuke and image.width * image.height <= IMAGE_LAYOUT_MAX_PIXELS
+        over = width * height > IMAGE_LAYOUT_MAX_PIXELS
+        if polygons and (over or (scale != 1.0 and not level0)):
+            item = PlanItem(name, split, image.width if scale != 1.0 else width, image.height if scale != 1.0 else height)
             plan.append(item)
             groups.append(_ImageGroup(image, name, split, scale, width, height, anns, [(item, 0, 0)], polygons_only=True))
             continue
-        if pixels > IMAGE_LAYOUT_MAX_PIXELS:
+        if over:
             left_out.append({
                 "image": {"id": image.pk, "name": image.name, "width": image.width, "height": image.height},
                 "tiles": len(anns),
-                "reason": f"{max(width, image.width if level0 else 0)}x{max(height, image.height if level0 else 0)} "
-                          f"pixels is over the image-layout limit of {IMAGE_LAYOUT_MAX_PIXELS:,} "
+                "reason": f"{width}x{height} pixels is over the image-layout limit of {IMAGE_LAYOUT_MAX_PIXELS:,} "
                           "pixels (a full-size label map); export it with layout \"tile\"",
             })
             continue

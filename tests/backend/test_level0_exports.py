@@ -143,3 +143,36 @@ def test_a_qupath_geojson_in_level0_pixels_without_a_manifest_lands_on_the_worki
         {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {}}]}))
     assert import_image_annotations(project=copy, path=bad).nuclei == 1
     assert Annotation.objects.filter(tile__project=copy).count() > before
+
+
+def test_over_the_limit_at_level0_coco_stays_in_working_pixels_and_geojson_is_traced_at_level0(
+        annotated, tmp_path, monkeypatch):
+    """256 x 256 level-0 pixels over a (lowered) limit, 128 x 128 working pixels under it: COCO is
+    written in working pixels and says so in the manifest, which the import follows; GeoJSON is
+    traced nucleus by nucleus in level-0 pixels without an image file. Both import back whole."""
+    from backend.exports import services
+
+    project, _, pixels, mask = annotated
+    monkeypatch.setattr(services, "IMAGE_LAYOUT_MAX_PIXELS", 200 * 200)
+    _, coco_zip = export_zip(project, "coco", tmp_path, layout="image")
+    folder = unzip(coco_zip)
+    coco = json.loads((folder / "annotations" / "instances.json").read_text())
+    assert [(i["width"], i["height"]) for i in coco["images"]] == [(128, 128)]
+    entry = json.loads((folder / "manifest.json").read_text())["images"][0]
+    assert entry["pixels"]["level0_per_pixel"] == 2.0 and entry["pixels"]["width"] == 128
+    assert same_up_to_relabelling(items_of(coco_zip)["fine"][1], mask)
+
+    _, geo_zip = export_zip(project, "geojson", tmp_path, layout="image")
+    folder = unzip(geo_zip)
+    assert not (folder / "images").exists()
+    features = json.loads((folder / "geojson" / "fine.geojson").read_text())["features"]
+    level0 = upsample_labels(mask, width=256, height=256, scale=2.0)
+    assert same_up_to_relabelling(features_to_labels(features, 256, 256, "fine").instances, level0)
+
+    from backend.images.stitching import label_window
+    from backend.images.truth import stitched_nuclei
+
+    for number, archive in enumerate((coco_zip, geo_zip)):
+        copy, image = fine_image(f"copy{number}", pixels)
+        assert import_image_annotations(project=copy, path=archive).nuclei == nuclei_in(mask)
+        assert same_up_to_relabelling(label_window(stitched_nuclei(image=image), x=0, y=0, w=128, h=128), mask)
