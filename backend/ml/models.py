@@ -35,6 +35,11 @@ class TrainingRun(models.Model):
         "ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
         help_text="The active version whose weights this run started from.",
     )
+    init_weights = models.JSONField(
+        default=dict, blank=True,
+        help_text="Where the run's starting weights came from: {source: 'model_version' or 'ssl', id, sha256} "
+        "(sha256 of the checkpoint file); empty: a fresh initialisation.",
+    )
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -168,3 +173,39 @@ class CorrectionEffort(models.Model):
     added_or_redrawn_share = models.FloatField()
     deleted_share = models.FloatField()
     created_at = models.DateTimeField(auto_now_add=True)
+
+
+class EncoderPretraining(models.Model):
+    """Self-supervised pretraining of a project's encoder on its own unlabelled tiles (SimSiam,
+    ``ml_worker.ssl``; project setting ``ssl_pretrain``). Its checkpoint gives the cold-start
+    embeddings before the first model and the starting weights of the first training run."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="pretrainings")
+    architecture = models.CharField(max_length=32)
+    config = models.JSONField(default=dict, blank=True, help_text="The SSLConfig the run used (ml_worker.ssl).")
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    progress = models.FloatField(default=0.0)
+    error = models.TextField(blank=True)
+    trigger = models.CharField(max_length=16, default="auto")
+    started_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    checkpoint = models.FileField(max_length=255, blank=True)
+    checkpoint_sha256 = models.CharField(max_length=64, blank=True)
+    info = models.JSONField(default=dict, blank=True, help_text="Loss first/last, steps, tiles, seconds.")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["project"], condition=models.Q(status__in=["queued", "running"]),
+                                    name="one_live_pretraining_per_project")
+        ]
+
+    @property
+    def is_live(self) -> bool:
+        return self.status in (RunStatus.QUEUED, RunStatus.RUNNING)

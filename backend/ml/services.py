@@ -21,6 +21,7 @@ from ml_worker import catalog
 from . import events
 from .models import (
     CorrectionEffort,
+    EncoderPretraining,
     ModelStatus,
     ModelVersion,
     Prediction,
@@ -227,6 +228,99 @@ def effort_by_model_version(*, project: Project) -> dict[int, dict[str, float]]:
     }
 
 
+# --- self-supervised encoder pretraining (project setting ssl_pretrain) ------------------------
+
+def validate_ssl_config(*, config: dict[str, Any] | None) -> dict[str, Any]:
+    """Pretraining options over the catalog's defaults; a 400 naming the option otherwise."""
+    try:
+        return catalog.validate_ssl_options(config or {})
+    except catalog.CatalogError as exc:
+        raise KaryoError(f"config: {exc}", code="invalid_config", details=exc.details()) from None
+
+
+def ready_encoder(*, project: Project) -> EncoderPretraining | None:
+    """The project's newest finished encoder pretraining when the project uses SSL (else None)."""
+    if not project.ssl_pretrain:
+        return None
+    return (EncoderPretraining.objects.filter(project=project, status=RunStatus.SUCCEEDED)
+            .exclude(checkpoint="").order_by("-finished_at", "-pk").first())
+
+
+def start_pretraining(*, project: Project, config: dict[str, Any] | None = None, started_by=None,
+                      trigger: str = "manual") -> EncoderPretraining:
+    """Queue a pretraining of the project's encoder (its default architecture and width) on its
+    own unlabelled tiles (task ``karyo.gpu.pretrain``). One live pretraining per project."""
+    ensure_not_archived(project=project)
+    if not project.ssl_pretrain:
+        raise Conflict("self-supervised pretraining is off for this project (setting ssl_pretrain)")
+    architecture = validate_architecture(architecture=project.default_architecture)
+    clean = validate_ssl_config(config=config)
+    fail_stale_pretrainings(project=project)
+    if not Tile.objects.filter(project=project).exists():
+        raise Conflict("the project has no tiles to pretrain on yet")
+    try:
+        with transaction.atomic():
+            pretraining = EncoderPretraining.objects.create(
+                project=project, architecture=architecture, config=clean, started_by=started_by, trigger=trigger)
+            enqueue_on_commit("karyo.gpu.pretrain", pretraining.pk)  # ml.tasks.pretrain
+    except IntegrityError:
+        live = EncoderPretraining.objects.filter(project=project, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]).first()
+        raise Conflict(f"encoder pretraining {live.pk if live else '?'} is already in progress for this project") from None
+    events.record(project.pk, "ssl.queued", f"encoder pretraining {pretraining.pk} queued ({trigger})",
+                  actor=started_by, pretraining=pretraining.pk)
+    return pretraining
+
+
+def maybe_start_pretraining(*, project: Project) -> EncoderPretraining | None:
+    """With ``ssl_pretrain`` on and no finished or live pretraining: start one (else None)."""
+    if not project.ssl_pretrain or project.archived_at is not None:
+        return None
+    fail_stale_pretrainings(project=project)
+    if ready_encoder(project=project) is not None or EncoderPretraining.objects.filter(
+            project=project, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]).exists():
+        return None
+    try:
+        return start_pretraining(project=project, trigger="auto")
+    except KaryoError:
+        return None  # no tiles yet, or another caller won the race
+
+
+def cancel_pretraining(*, pretraining: EncoderPretraining, by=None) -> EncoderPretraining:
+    """A queued pretraining is cancelled at once; a running one stops at its next step and
+    writes nothing."""
+    if not pretraining.is_live:
+        raise Conflict(f"encoder pretraining {pretraining.pk} is already {pretraining.status}")
+    updated = EncoderPretraining.objects.filter(pk=pretraining.pk, status=RunStatus.QUEUED).update(
+        status=RunStatus.CANCELLED, cancel_requested=True, finished_at=timezone.now())
+    if not updated and not EncoderPretraining.objects.filter(pk=pretraining.pk, status=RunStatus.RUNNING).update(
+            cancel_requested=True):
+        pretraining.refresh_from_db()
+        raise Conflict(f"encoder pretraining {pretraining.pk} is already {pretraining.status}")
+    pretraining.refresh_from_db()
+    events.record(pretraining.project_id, "ssl.cancel", f"encoder pretraining {pretraining.pk} cancelled", actor=by,
+                  pretraining=pretraining.pk)
+    return pretraining
+
+
+def fail_stale_pretrainings(*, project: Project | None = None, timeout_seconds: int | None = None) -> int:
+    """Pretrainings whose worker stopped sending heartbeats are failed (as training runs are)."""
+    timeout = settings.KARYO_HEARTBEAT_TIMEOUT_SECONDS if timeout_seconds is None else timeout_seconds
+    cutoff = timezone.now() - timedelta(seconds=timeout)
+    stale = EncoderPretraining.objects.filter(status=RunStatus.RUNNING).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff))
+    if project is not None:
+        stale = stale.filter(project=project)
+    count = 0
+    for run in stale:
+        if EncoderPretraining.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
+                status=RunStatus.FAILED, finished_at=timezone.now(),
+                error="the worker stopped responding; the pretraining was marked failed so a new one can start"):
+            count += 1
+            events.record(run.project_id, "ssl.failed", f"encoder pretraining {run.pk} lost its worker",
+                          pretraining=run.pk)
+    return count
+
+
 # --- model versions --------------------------------------------------------------------------
 
 def gate(*, candidate: dict[str, float], active: dict[str, float] | None) -> tuple[bool, str]:
@@ -358,8 +452,10 @@ def connection_supports_skip_locked() -> bool:
 
 
 @transaction.atomic
-def replace_queue(*, project: Project, ordered: list[tuple[int, float]], strategy: str, model_version: ModelVersion | None) -> int:
-    """Rebuild the queue from ``(tile_id, score)`` pairs, most valuable first; live leases are kept."""
+def replace_queue(*, project: Project, ordered: list[tuple[int, float]], strategy: str, model_version: ModelVersion | None,
+                  strategies: list[str] | None = None) -> int:
+    """Rebuild the queue from ``(tile_id, score)`` pairs, most valuable first; live leases are kept.
+    ``strategies``: per entry, the rule that picked it (default: ``strategy`` for all)."""
     now = timezone.now()
     leases = {
         e.tile_id: (e.leased_by_id, e.lease_expires_at)
@@ -368,7 +464,8 @@ def replace_queue(*, project: Project, ordered: list[tuple[int, float]], strateg
     QueueEntry.objects.filter(project=project).delete()
     QueueEntry.objects.bulk_create([
         QueueEntry(
-            project=project, tile_id=tile_id, rank=i, score=score, strategy=strategy, model_version=model_version,
+            project=project, tile_id=tile_id, rank=i, score=score, model_version=model_version,
+            strategy=strategies[i] if strategies is not None else strategy,
             leased_by_id=leases.get(tile_id, (None, None))[0], lease_expires_at=leases.get(tile_id, (None, None))[1],
         )
         for i, (tile_id, score) in enumerate(ordered)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from celery import chord, shared_task
 from celery.signals import worker_shutting_down
 
-from . import workflows
-from .services import fail_stale_runs
+from . import ssl, workflows
+from .services import fail_stale_pretrainings, fail_stale_runs
 
 
 @worker_shutting_down.connect
@@ -13,11 +13,18 @@ def _stop_training_on_shutdown(**_kwargs) -> None:
     # Runs in the worker's main process on Ctrl-C/SIGTERM: with the solo pool that is where the
     # training loop runs, and it stops at its next step instead of finishing every epoch.
     workflows.WORKER_STOPPING.set()
+    ssl.WORKER_STOPPING.set()
 
 
 @shared_task(name="karyo.gpu.train", bind=True, acks_late=True)
 def train(self, run_id: int) -> str:
     return workflows.run_training(run_id=run_id, task_id=self.request.id or "")
+
+
+@shared_task(name="karyo.gpu.pretrain", bind=True, acks_late=True)
+def pretrain(self, pretraining_id: int) -> str:
+    """Self-supervised pretraining of a project's encoder (``ml.ssl``)."""
+    return ssl.run_pretraining(pretraining_id=pretraining_id, task_id=self.request.id or "")
 
 
 @shared_task(name="karyo.gpu.predict", acks_late=True)
@@ -58,4 +65,4 @@ def rank(project_id: int, strategy: str | None = None) -> int:
 
 @shared_task(name="karyo.cpu.check_stale_runs")
 def check_stale_runs() -> int:
-    return fail_stale_runs()
+    return fail_stale_runs() + fail_stale_pretrainings()

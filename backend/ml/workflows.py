@@ -24,7 +24,7 @@ from backend.images.pixels import read_tile_rgb
 from backend.projects.models import Project
 from ml_worker import catalog
 
-from . import events
+from . import coldstart, events, ssl
 from .context_prediction import ContextPredictor, OwnedPrediction
 from .models import ModelStatus, ModelVersion, Prediction, QueueEntry, RunStatus, TrainingRun
 from .services import after_promotion, gate, promote, replace_queue, unlabelled_tiles
@@ -302,8 +302,15 @@ def _train_and_gate(*, run: TrainingRun, project: Project, out_dir: Path, progre
     if run.warm_start_id and run.warm_start.weights:
         init = runs_dir() / "cache" / f"warm-{run.warm_start_id}.pt"
         init.parent.mkdir(parents=True, exist_ok=True)
-        init.write_bytes(read_bytes(run.warm_start.weights.name))
+        data = read_bytes(run.warm_start.weights.name)
+        init.write_bytes(data)
         config = config.replace(init_weights=str(init))
+        init_record = {"source": "model_version", "id": run.warm_start_id, "sha256": ssl.sha256_of(data)}
+        TrainingRun.objects.filter(pk=run.pk).update(init_weights=init_record)
+    elif (encoder := ssl.encoder_for_training(run=run, architecture=config.arch, model_kwargs=config.model_kwargs)):
+        # No model to warm-start from: the project's self-supervised encoder starts the run.
+        config = config.replace(init_weights=str(encoder[0]))
+        TrainingRun.objects.filter(pk=run.pk).update(init_weights=encoder[1])
     result = train(config, train_samples, val_samples, progress=progress, should_stop=should_stop)
     if result.status == "cancelled":
         return _finish_stopped(run=run, project=project, why=_cancelled_or_stopping(run) or "cancelled")
@@ -520,14 +527,25 @@ def _publish_slide_progress(project_id: int, model_version: ModelVersion, totals
 
 
 def run_ranking(*, project_id: int, strategy: str | None = None, batch_size: int = 8, seed: int = 0) -> int:
-    from ml_worker.active_learning import rank
-
     project = Project.objects.get(pk=project_id)
     strategy = strategy or project.al_strategy
     active = ModelVersion.objects.filter(project=project, status=ModelStatus.ACTIVE).first()
     pool = list(unlabelled_tiles(project=project).order_by("id").values_list("id", flat=True))
+    if active is None and strategy != "random":
+        # No model yet: nothing to be uncertain about; typical and diverse tiles first (coldstart.py).
+        labelled = list(Tile.objects.filter(project=project).exclude(pk__in=pool).order_by("id")
+                        .values_list("id", flat=True))
+        ordered, source = coldstart.rank_without_model(project=project, pool=pool, labelled=labelled,
+                                                       batch_size=batch_size, seed=seed)
+        with transaction.atomic():
+            count = replace_queue(project=project, ordered=ordered, strategy="typical", model_version=None)
+            queue_ranked.send(sender=QueueEntry, project=project, strategy="typical", model_version=None)
+        events.record(project_id, "queue.ranked", f"queue ranked by typicality before the first model "
+                      f"({source['features']} features)", strategy="typical", size=count, model_version=None,
+                      top=[t for t, _ in ordered[:5]], **source)
+        return count
     if active is None:
-        # No model yet: nothing to be uncertain about, so a seeded random order.
+        # The random baseline, before the first model: a seeded random order.
         rng = np.random.default_rng(seed)
         order = [pool[i] for i in rng.permutation(len(pool))]
         count = replace_queue(project=project, ordered=[(t, 0.0) for t in order], strategy="random", model_version=None)
@@ -542,14 +560,19 @@ def run_ranking(*, project_id: int, strategy: str | None = None, batch_size: int
     costs = np.array([predictions[t].nucleus_count for t in ranked_ids], dtype=np.float32) if ranked_ids else None
     labelled = Prediction.objects.filter(model_version=active).exclude(tile_id__in=pool).values_list("embedding", flat=True)
     labelled_embeddings = np.array(list(labelled), dtype=np.float32) if labelled else None
-    order = rank(strategy, scores, embeddings=embeddings, costs=costs, k=min(batch_size, len(ranked_ids)) or None,
-                 seed=seed, labelled_embeddings=labelled_embeddings) if ranked_ids else []
+    # While labels are few part of the batch is typical tiles (coldstart.py, warmup.budgeted_rank).
+    n_labelled = Tile.objects.filter(project=project).count() - len(pool)
+    order, picked_by, share = coldstart.rank_with_model(
+        strategy=strategy, scores=scores, embeddings=embeddings, costs=costs, labelled=n_labelled,
+        labelled_embeddings=labelled_embeddings, batch_size=min(batch_size, len(ranked_ids)),
+        seed=seed) if ranked_ids else ([], [], 1.0)
     key = catalog.score_key(strategy)  # the score the strategy ranked by is the one the queue shows
     ordered = [(ranked_ids[i], float(scores[i].get(key, 0.0))) for i in order] + [(t, 0.0) for t in missing]
     with transaction.atomic():
-        count = replace_queue(project=project, ordered=ordered, strategy=strategy, model_version=active)
+        count = replace_queue(project=project, ordered=ordered, strategy=strategy, model_version=active,
+                              strategies=picked_by + [strategy] * len(missing))
         # Inside the transaction: a subscriber's on_commit work (Label Studio's push) follows the new queue.
         queue_ranked.send(sender=QueueEntry, project=project, strategy=strategy, model_version=active)
     events.publish(project_id, "queue.ranked", strategy=strategy, size=count, model_version=active.pk,
-                   top=[t for t, _ in ordered[:5]])
+                   top=[t for t, _ in ordered[:5]], strategy_share=share, labelled=n_labelled)
     return count

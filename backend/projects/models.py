@@ -87,6 +87,11 @@ class Project(models.Model):
     )
     default_architecture = models.CharField(max_length=32, default=catalog.DEFAULT_ARCHITECTURE)
     al_strategy = models.CharField(max_length=32, default=catalog.DEFAULT_STRATEGY)
+    ssl_pretrain = models.BooleanField(
+        default=False,
+        help_text="Pretrain the model's encoder self-supervised on the project's own unlabelled tiles (SimSiam): "
+        "its features rank the first queue and its weights start the first training run.",
+    )
     require_review = models.BooleanField(
         default=False, help_text="Train only on reviewed annotations (otherwise submitted ones count too)."
     )

@@ -27,7 +27,7 @@ class ProjectSerializer(serializers.ModelSerializer):
         model = Project
         fields = [
             "id", "name", "description", "nucleus_classes", "tile_size", "tile_overlap", "stain_normalization",
-            "auto_retrain_threshold", "default_architecture", "al_strategy", "require_review", "licence",
+            "auto_retrain_threshold", "default_architecture", "al_strategy", "ssl_pretrain", "require_review", "licence",
             "context_margin", "working_mpp", "min_tissue_fraction", "archived_at", "training_defaults",
             "created_at", "my_role", "image_count", "tile_count",
         ]
