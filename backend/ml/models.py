@@ -103,7 +103,12 @@ class Prediction(models.Model):
     context_x = models.IntegerField(default=0, help_text="context_mask's left edge minus the tile's (working px, <= 0).")
     context_y = models.IntegerField(default=0, help_text="context_mask's top edge minus the tile's (working px, <= 0).")
     nucleus_count = models.PositiveIntegerField(default=0)
-    uncertainty = models.JSONField(default=dict, blank=True, help_text="Strategy name -> score (higher = less certain).")
+    uncertainty = models.JSONField(
+        default=dict, blank=True,
+        help_text="Score name -> score (higher = less certain): the ml_worker.catalog.SCORES keys this prediction's "
+        "analysis computed (entropy, margin, boundary, expected_fixes; mc_dropout, mc_mutual_info, tta and "
+        "instance_flips only when its project's strategy needed that extra pass). A strategy ranks by one of them.",
+    )
     embedding = models.JSONField(default=list, blank=True, help_text="Pooled encoder features (diversity sampling).")
     classes = models.JSONField(
         default=dict, blank=True,
