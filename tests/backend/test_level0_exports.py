@@ -81,13 +81,18 @@ def test_an_image_at_twice_the_working_resolution_exports_geojson_in_level0_pixe
         (x, y, 128, 128) for x in (0, 96, 128) for y in (0, 96, 128)}  # the tiles' level-0 rectangles
 
 
-@pytest.mark.parametrize("fmt", ["png", "coco"])
-def test_label_maps_and_coco_of_such_an_image_are_at_its_level0_size(annotated, tmp_path, fmt):
+@pytest.mark.parametrize("fmt", ["png", "coco", "labelstudio", "pannuke"])
+def test_every_format_but_pannuke_writes_such_an_image_at_its_level0_size(annotated, tmp_path, fmt):
     project, _, pixels, mask = annotated
     _, path = export_zip(project, fmt, tmp_path, layout="image")
     items = items_of(path)
     assert sorted(items) == ["fine"]
-    assert same_up_to_relabelling(items["fine"][1], upsample_labels(mask, width=256, height=256, scale=2.0))
+    if fmt == "pannuke":  # patches of the stitched map in working pixels: one 128-px patch here
+        assert same_up_to_relabelling(items["fine"][1], mask)
+    elif fmt == "labelstudio":  # holes are filled: compare the size and the count
+        assert items["fine"][1].shape == (256, 256) and nuclei_in(items["fine"][1]) == nuclei_in(mask)
+    else:
+        assert same_up_to_relabelling(items["fine"][1], upsample_labels(mask, width=256, height=256, scale=2.0))
     if fmt == "coco":
         coco = json.loads((unzip(path) / "annotations" / "instances.json").read_text())
         assert [(i["width"], i["height"]) for i in coco["images"]] == [(256, 256)]
