@@ -159,3 +159,20 @@ def test_a_submit_in_a_frame_that_changed_meanwhile_is_refused(grid, api):
     response = api("annotator").post(f"/api/tiles/{tile.pk}/regions/", body, format="json")
     assert response.status_code == 409 and response.json()["error"]["code"] == "frame_changed"
     assert not Annotation.objects.filter(tile=tile).exists()
+
+
+def test_the_image_export_holds_a_nucleus_drawn_across_a_tile_border_once_and_whole(grid, api, tmp_path):
+    from tests.backend.test_exports import export_zip, items_of
+
+    left, right = grid["tiles"][(0, 64)], grid["tiles"][(64, 64)]
+    frame_left, frame_right = opened(api, left)["frame"], opened(api, right)["frame"]
+    submit(api, left, [region("a", box(50, 90, 74, 100), frame_left)], frame_left)
+    submit(api, right, [region("b", box(50, 90, 74, 100), frame_right),  # the neighbour's: dropped
+                        region("p", box(64, 110, 76, 120), frame_right)], frame_right)  # touches nothing
+    _, path = export_zip(grid["project"], "png", tmp_path, filters={"status": "submitted"}, layout="image")
+    [(_, instances, _)] = items_of(path).values()
+    ids = [v for v in np.unique(instances) if v]
+    assert len(ids) == 2
+    crossing = instances == instances[95, 60]
+    ys, xs = np.nonzero(crossing)
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (50, 74, 90, 100)
