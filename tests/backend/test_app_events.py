@@ -91,7 +91,8 @@ def test_ranking_announces_the_queue_and_label_studio_pushes_only_a_model_ranked
     tiles = [add_tile(project) for _ in range(3)]
 
     with django_capture_on_commit_callbacks(execute=True):
-        assert run_ranking(project_id=project.pk) == 3  # no model yet: a seeded random order
+        # No model yet (the random baseline: the tiles here have no pixels for a typicality ranking).
+        assert run_ranking(project_id=project.pk, strategy="random") == 3
     assert heard == [("queue_ranked", {"signal": queue_ranked, "project": project, "strategy": "random",
                                        "model_version": None})]
     assert pushed == []  # no predictions to show in Label Studio
