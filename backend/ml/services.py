@@ -484,7 +484,8 @@ def check_rank_scores(*, project: Project, strategy: str) -> None:
     the pass runs when tiles are predicted for a project whose own strategy needs it. A 400
     naming the score, how many predictions lack it and the strategies they do support, instead
     of a ranking task that fails in the worker. No active model: ranking is a random order."""
-    needs = [n for n in catalog.strategy(strategy).needs if n in ("mc_dropout", "tta")]
+    passes = {need for score in catalog.SCORES for need in score.needs}  # the extra analysis passes
+    needs = passes & set(catalog.strategy(strategy).needs)
     active = ModelVersion.objects.filter(project=project, status=ModelStatus.ACTIVE).first()
     if not needs or active is None:
         return
@@ -495,8 +496,7 @@ def check_rank_scores(*, project: Project, strategy: str) -> None:
         return
     total = predictions.count()
     stored = set().union(*(set(u) for u in predictions.values_list("uncertainty", flat=True)[:50]))
-    usable = [s.name for s in catalog.STRATEGIES if s.score_key in stored
-              and not {"mc_dropout", "tta"} & set(s.needs) - stored]
+    usable = [s.name for s in catalog.STRATEGIES if s.score_key in stored]  # the score each ranks by is there
     raise KaryoError(
         f"strategy {strategy!r} ranks by the {key!r} score, which {lacking} of the {total} predictions of "
         f"model v{active.version} lack: that extra pass runs when tiles are predicted for a project whose strategy "
