@@ -13,7 +13,7 @@ from backend.projects.services import ensure_not_archived
 from ml_worker import catalog
 
 from . import services, tasks
-from .models import ModelVersion, ProjectEvent, QueueEntry, TrainingRun
+from .models import EncoderPretraining, ModelVersion, ProjectEvent, QueueEntry, TrainingRun
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -40,9 +40,26 @@ class TrainingRunSerializer(serializers.ModelSerializer):
     class Meta:
         model = TrainingRun
         fields = ["id", "project", "architecture", "config", "status", "progress", "epoch_metrics", "error", "trigger",
-                  "started_by", "model_version", "warm_start", "cancel_requested", "heartbeat_at", "created_at",
-                  "started_at", "finished_at"]
+                  "started_by", "model_version", "warm_start", "init_weights", "cancel_requested", "heartbeat_at",
+                  "created_at", "started_at", "finished_at"]
         read_only_fields = fields
+
+
+class PretrainingSerializer(serializers.ModelSerializer):
+    started_by = serializers.CharField(source="started_by.username", default=None, read_only=True)
+
+    class Meta:
+        model = EncoderPretraining
+        fields = ["id", "project", "architecture", "config", "status", "progress", "error", "trigger", "started_by",
+                  "checkpoint_sha256", "info", "cancel_requested", "heartbeat_at", "created_at", "started_at",
+                  "finished_at"]
+        read_only_fields = fields
+
+
+class PretrainingCreateSerializer(serializers.Serializer):
+    config = serializers.DictField(required=False, default=dict,
+                                   help_text="options: " + ", ".join(o.name for o in catalog.SSL_OPTIONS)
+                                   + " (GET /api/catalog/, ssl_options)")
 
 
 def catalog_checked(check, value):
@@ -165,6 +182,35 @@ class TrainingRunCancelView(APIView):
     def post(self, request, run_id: int):
         run = services.cancel_run(run=run_for(request, run_id, Role.ADMIN), by=request.user)
         return Response(TrainingRunSerializer(run).data)
+
+
+class PretrainingListView(generics.ListAPIView):
+    """A project's self-supervised encoder pretrainings (setting ``ssl_pretrain``); admins start one."""
+
+    serializer_class = PretrainingSerializer
+
+    def get_queryset(self):
+        project = project_for(user=self.request.user, project_id=self.kwargs["project_id"], minimum=Role.VIEWER)
+        services.fail_stale_pretrainings(project=project)
+        return EncoderPretraining.objects.filter(project=project).select_related("started_by")
+
+    @extend_schema(request=PretrainingCreateSerializer, responses={202: PretrainingSerializer})
+    def post(self, request, project_id: int):
+        project = project_for(user=request.user, project_id=project_id, minimum=Role.ADMIN)
+        serializer = PretrainingCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        pretraining = services.start_pretraining(project=project, config=serializer.validated_data.get("config"),
+                                                 started_by=request.user)
+        return Response(PretrainingSerializer(pretraining).data, status=status.HTTP_202_ACCEPTED)
+
+
+class PretrainingCancelView(APIView):
+    @extend_schema(request=None, responses=PretrainingSerializer)
+    def post(self, request, pretraining_id: int):
+        pretraining = get_object_or_404(EncoderPretraining.objects.select_related("project"), pk=pretraining_id)
+        require_role(user=request.user, project=pretraining.project, minimum=Role.ADMIN)
+        pretraining = services.cancel_pretraining(pretraining=pretraining, by=request.user)
+        return Response(PretrainingSerializer(pretraining).data)
 
 
 class QueueView(generics.ListAPIView):

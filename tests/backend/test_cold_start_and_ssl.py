@@ -276,3 +276,32 @@ def test_a_cancelled_or_abandoned_pretraining_leaves_nothing_stuck_or_half_writt
     dead.refresh_from_db()
     assert dead.status == RunStatus.FAILED and "stopped responding" in dead.error
     assert start_pretraining(project=project, config=SSL_TINY).status == RunStatus.QUEUED
+
+
+@pytest.mark.django_db
+def test_admins_start_and_cancel_a_pretraining_through_the_api_and_bad_options_are_named(api, team):
+    from tests.backend.factories import rgb_png
+
+    project = team["project"]
+    url = f"/api/projects/{project.pk}/pretrainings/"
+    response = api("admin").post(url, {"config": {"steps": 5}}, format="json")
+    assert response.status_code == 409 and "ssl_pretrain" in response.json()["error"]["message"]
+    assert api("admin").patch(f"/api/projects/{project.pk}/", {"ssl_pretrain": True},
+                              format="json").json()["ssl_pretrain"] is True
+    response = api("admin").post(url, {"config": {"steps": 5}}, format="json")
+    assert response.status_code == 409 and "no tiles" in response.json()["error"]["message"]
+    assert api("admin").post(f"/api/projects/{project.pk}/images/", {"file": SimpleUploadedFile(
+        "t.png", rgb_png(64, 64))}, format="multipart").status_code == 201
+    finish_ingest()
+    response = api("admin").post(url, {"config": {"crop": 4}}, format="json")
+    assert response.status_code == 400 and response.json()["error"]["details"]["field"] == "crop"
+    response = api("admin").post(url, {"config": {"steps": 5}}, format="json")
+    assert response.status_code == 202, response.content
+    pretraining = response.json()
+    assert pretraining["status"] == "queued" and pretraining["config"]["steps"] == 5
+    listed = api("viewer").get(url).json()
+    listed = listed["results"] if isinstance(listed, dict) else listed
+    assert [p["id"] for p in listed] == [pretraining["id"]]
+    cancelled = api("admin").post(f"/api/pretrainings/{pretraining['id']}/cancel/")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert api("admin").post(f"/api/pretrainings/{pretraining['id']}/cancel/").status_code == 409

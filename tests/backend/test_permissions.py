@@ -103,6 +103,21 @@ def live_run(ctx):
     return ctx["live_run"]
 
 
+def ssl_project(ctx):
+    ctx["project"].ssl_pretrain = True
+    ctx["project"].save(update_fields=["ssl_pretrain"])
+    return {"project_id": ctx["project"].pk}, {"config": {"steps": 5}}
+
+
+def live_pretraining(ctx):
+    from backend.ml.models import EncoderPretraining
+
+    if "live_pretraining" not in ctx:
+        ctx["live_pretraining"] = EncoderPretraining.objects.create(project=ctx["project"], architecture="unet",
+                                                                    status="running")
+    return {"pretraining_id": ctx["live_pretraining"].pk}, None
+
+
 def no_kwargs(ctx):
     return {}, None
 
@@ -152,6 +167,8 @@ MATRIX: dict[str, dict[str, Rule]] = {
     },
     "training-run-detail": {"get": Rule("viewer", 200, lambda ctx: ({"run_id": finished_run(ctx).pk}, None))},
     "training-run-cancel": {"post": Rule("admin", 200, lambda ctx: ({"run_id": live_run(ctx).pk}, None))},
+    "pretraining-list": {"get": Rule("viewer", 200, project_kwargs), "post": Rule("admin", 202, ssl_project)},
+    "pretraining-cancel": {"post": Rule("admin", 200, live_pretraining)},
     "queue": {"get": Rule("viewer", 200, project_kwargs)},
     "queue-next": {"post": Rule("annotator", 204, project_kwargs)},
     "queue-release": {"post": Rule("annotator", 204, project_kwargs)},
