@@ -89,6 +89,9 @@ export function projectForm({ project, catalog, tilingLocked = false, submitLabe
         h("span", { class: "field-help" }, "Written on the dataset card of every export."))),
     h("label", { class: "toggle" }, h("input", { type: "checkbox", name: "require_review", checked: !!project.require_review }),
       "Train only on reviewed annotations"),
+    h("label", { class: "toggle" }, h("input", { type: "checkbox", name: "ssl_pretrain", checked: !!project.ssl_pretrain,
+      "data-testid": "field-ssl" }),
+      "Pretrain the model on this project's unlabelled tiles (self-supervised): ranks the first queue and starts the first model"),
     errors,
     h("div", { class: "head-actions" }, submit));
   form.addEventListener("submit", async (event) => {
@@ -107,6 +110,7 @@ export function projectForm({ project, catalog, tilingLocked = false, submitLabe
       auto_retrain_threshold: Number(data.get("auto_retrain_threshold")),
       licence: String(data.get("licence") || "").trim(),
       require_review: data.get("require_review") === "on",
+      ssl_pretrain: data.get("ssl_pretrain") === "on",
     };
     if (!tilingLocked) body.tile_size = Number(data.get("tile_size"));
     const problems = [];
