@@ -483,7 +483,8 @@ def check_rank_scores(*, project: Project, strategy: str) -> None:
     ``tta``) needs the active model's predictions of the unlabelled tiles to carry that score;
     the pass runs when tiles are predicted for a project whose own strategy needs it. A 400
     naming the score, how many predictions lack it and the strategies they do support, instead
-    of a ranking task that fails in the worker. No active model: ranking is a random order."""
+    of a ranking task that fails in the worker. No active model: nothing to check (the queue is
+    ordered without model scores: typicality, or the random baseline)."""
     passes = {need for score in catalog.SCORES for need in score.needs}  # the extra analysis passes
     needs = passes & set(catalog.strategy(strategy).needs)
     active = ModelVersion.objects.filter(project=project, status=ModelStatus.ACTIVE).first()

@@ -71,7 +71,8 @@ def test_the_worker_would_have_failed_on_the_same_predictions(team):
         run_ranking(project_id=project.pk, strategy="mc_dropout")
 
 
-def test_a_project_without_a_model_ranks_randomly_whatever_the_strategy(api, team):
+def test_a_project_without_a_model_is_not_refused_whatever_the_strategy(api, team):
+    """Before the first model the queue is ordered without model scores: nothing to lack."""
     project = team["project"]
     response = api("admin").post(f"/api/projects/{project.pk}/rank/", {"strategy": "mc_dropout"}, format="json")
     assert response.status_code == 202
