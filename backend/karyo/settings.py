@@ -202,6 +202,8 @@ if CELERY_BROKER_URL == "filesystem://":
         # The default 1 s poll adds a second to every task; 25 ms costs little CPU.
         "polling_interval": 0.025,
     }
+    # kombu's filesystem transport with messages renamed into place whole (backend/karyo/broker.py).
+    CELERY_BROKER_TRANSPORT = "backend.karyo.broker:Transport"
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 6 * 3600}
 if REDIS_URL:
