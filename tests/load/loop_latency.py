@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -351,6 +352,10 @@ def main() -> int:
           f"architecture {project.default_architecture}, training {project.training_defaults}, strategy "
           f"{project.al_strategy}, retrain threshold {project.auto_retrain_threshold}; built in "
           f"{time.monotonic() - t:.0f} s ({var})", flush=True)
+    # SIGTERM (and SIGINT, which a shell ignores in background jobs) ends the script through its
+    # finally clause: the workers it started are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     workers = [Worker("gpu", ["-Q", "gpu", "--pool", "solo"], var), Worker("cpu", ["-Q", "cpu", "--concurrency", "1"], var)]
     try:
         for worker in workers:
