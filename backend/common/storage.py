@@ -61,9 +61,14 @@ class StagedWrites:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
-            for name in reversed(self.written):
-                try:
-                    default_storage.delete(name)
-                except Exception:  # keep rolling back the others
-                    log.exception("could not remove %s while rolling back", name)
+            self.remove_all()
         return False
+
+    def remove_all(self) -> None:
+        """Delete what was written so far (the block raised, or its files turned out not to be needed)."""
+        for name in reversed(self.written):
+            try:
+                default_storage.delete(name)
+            except Exception:  # keep rolling back the others
+                log.exception("could not remove %s while rolling back", name)
+        self.written.clear()

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from django.db import IntegrityError, transaction
-from django.db.models import Max
 from django.utils import timezone
 
 from backend.common.errors import Conflict, InvalidUpload
@@ -114,44 +113,49 @@ def create_annotation(
             raise InvalidUpload(f"class map names instances not in the mask: {sorted(unknown)[:10]}", code="invalid_classes")
     png = encode_png(instances)
     context_png = encode_png(context[0]) if context is not None else None
-    for attempt in range(3):
-        try:
-            with StagedWrites() as staged, transaction.atomic():
-                latest = Annotation.objects.filter(tile=tile).aggregate(v=Max("version"))["v"] or 0
-                chosen_parent = parent
-                if chosen_parent is None and latest:
-                    chosen_parent = Annotation.objects.get(tile=tile, version=latest)
-                stem = f"annotations/{tile.pk}/v{latest + 1}-{uuid.uuid4().hex[:8]}"
-                mask_name = staged.save(f"{stem}.png", png)
-                context_name = staged.save(f"{stem}-context.png", context_png) if context_png is not None else ""
-                annotation = Annotation.objects.create(
-                    tile=tile,
-                    version=latest + 1,
-                    mask=mask_name,
-                    context_mask=context_name,
-                    context_x=int(context[1]) if context is not None else 0,
-                    context_y=int(context[2]) if context is not None else 0,
-                    classes={str(k): int(v) for k, v in (classes or {}).items()},
-                    nucleus_count=nucleus_count,
-                    source=source,
-                    status=status,
-                    author=author,
-                    parent=chosen_parent,
-                    prediction=prediction,
-                    external_id=external_id,
-                )
-                if source != AnnotationSource.IMPORTED:
-                    # Bulk imports are an admin action: they do not count towards auto-retrain.
-                    transaction.on_commit(lambda: _annotation_hook(annotation))
-            return annotation, True
-        except IntegrityError:
-            # Another writer took this version number (or the external id) first: re-read and retry.
-            if external_id:
-                existing = Annotation.objects.filter(tile=tile, external_id=external_id).first()
-                if existing is not None:
-                    return existing, False
-            if attempt == 2:
-                raise Conflict("the tile was annotated concurrently; try again") from None
+    with StagedWrites() as staged:
+        # Files first, outside the transaction: on SQLite the transaction holds the database's one
+        # write lock, which every other submission and lease waits for (and with S3 a write is a
+        # network round trip). A version that is never stored removes them again.
+        stem = f"annotations/{tile.pk}/{uuid.uuid4().hex}"
+        mask_name = staged.save(f"{stem}.png", png)
+        context_name = staged.save(f"{stem}-context.png", context_png) if context_png is not None else ""
+        for attempt in range(3):
+            try:
+                with transaction.atomic():
+                    latest_pk, latest = (
+                        Annotation.objects.filter(tile=tile).order_by("-version").values_list("pk", "version").first()
+                        or (None, 0)
+                    )
+                    annotation = Annotation.objects.create(
+                        tile=tile,
+                        version=latest + 1,
+                        mask=mask_name,
+                        context_mask=context_name,
+                        context_x=int(context[1]) if context is not None else 0,
+                        context_y=int(context[2]) if context is not None else 0,
+                        classes={str(k): int(v) for k, v in (classes or {}).items()},
+                        nucleus_count=nucleus_count,
+                        source=source,
+                        status=status,
+                        author=author,
+                        **({"parent": parent} if parent is not None else {"parent_id": latest_pk}),
+                        prediction=prediction,
+                        external_id=external_id,
+                    )
+                    if source != AnnotationSource.IMPORTED:
+                        # Bulk imports are an admin action: they do not count towards auto-retrain.
+                        transaction.on_commit(lambda: _annotation_hook(annotation))
+                return annotation, True
+            except IntegrityError:
+                # Another writer took this version number (or the external id) first: re-read and retry.
+                if external_id:
+                    existing = Annotation.objects.filter(tile=tile, external_id=external_id).first()
+                    if existing is not None:
+                        staged.remove_all()
+                        return existing, False
+                if attempt == 2:
+                    raise Conflict("the tile was annotated concurrently; try again") from None
     raise AssertionError("unreachable")
 
 

@@ -6,8 +6,9 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef, Q, Subquery
+from django.db.models import Case, Exists, IntegerField, OuterRef, Q, Subquery, Value, When
 from django.utils import timezone
 
 from backend.common.errors import Conflict, KaryoError
@@ -385,6 +386,9 @@ def next_tile(*, project: Project, user) -> QueueEntry | None:
                                          lease=lease, now=now)
     for _ in range(5):
         with transaction.atomic():
+            # One lease at a time per user: two tabs asking at once would otherwise each find no
+            # lease of their own and take a tile each (SKIP LOCKED hands them different rows).
+            list(get_user_model().objects.select_for_update(no_key=True).filter(pk=user.pk).values_list("pk", flat=True))
             own = (
                 open_entries.select_for_update()
                 .filter(project=project, leased_by=user, lease_expires_at__gt=now)
@@ -417,25 +421,27 @@ LEASE_CANDIDATES = 8
 def _lease_by_compare_and_set(*, project: Project, user, open_entries, free: Q, lease: dict,
                               now) -> QueueEntry | None:
     """SQLite: one database write lock for every writer of every process, so the lease holds it
-    for one statement only. The candidates are read without it (WAL readers do not wait), then
-    each is tried with a single conditional UPDATE that re-checks, atomically, that the row is
-    still free and open and that the caller holds no other live lease; the first that changes a
-    row wins. Two callers reading the same candidates at once cost the loser one more UPDATE."""
-    holds_one = Exists(open_entries.filter(project=project, leased_by=user, lease_expires_at__gt=now))
+    for one statement only. One read without it (WAL readers do not wait) gives the caller's own
+    live lease if it has one, else the top free entries; each is then tried with a single
+    conditional UPDATE that re-checks, atomically, that the row is still free and open and that
+    the caller holds no other live lease; the first that changes a row wins. Two callers reading
+    the same candidates at once cost the loser one more UPDATE."""
+    mine = Q(leased_by=user, lease_expires_at__gt=now)
+    holds_one = Exists(open_entries.filter(project=project).filter(mine))
     for _ in range(5):
-        own = (
-            open_entries.filter(project=project, leased_by=user, lease_expires_at__gt=now)
-            .select_related("tile", "leased_by").order_by("rank").first()
+        rows = list(
+            open_entries.filter(project=project).filter(mine | free)
+            .annotate(own=Case(When(mine, then=Value(0)), default=Value(1), output_field=IntegerField()))
+            .select_related("tile").order_by("own", "rank")[:LEASE_CANDIDATES]
         )
-        if own is not None:
-            return own
-        candidates = list(open_entries.filter(project=project).filter(free).order_by("rank")
-                          .values_list("pk", flat=True)[:LEASE_CANDIDATES])
-        if not candidates:
+        if not rows:
             return None
-        for pk in candidates:
-            if open_entries.filter(pk=pk).filter(free).filter(~holds_one).update(**lease):
-                entry = QueueEntry.objects.select_related("tile", "leased_by").get(pk=pk)
+        if rows[0].own == 0:
+            rows[0].leased_by = user
+            return rows[0]
+        for entry in rows:
+            if open_entries.filter(pk=entry.pk).filter(free).filter(~holds_one).update(**lease):
+                entry.leased_by, entry.lease_expires_at = user, lease["lease_expires_at"]
                 events.publish(project.pk, "queue.leased", tile=entry.tile_id, user=user.username)
                 return entry
     return None

@@ -19,11 +19,14 @@ from backend.projects.services import create_project
 from tests.backend.conftest import client_for
 from tests.backend.factories import finish_ingest, label_png, rgb_png
 
+pytestmark = pytest.mark.django_db(transaction=True)
+
 # Token lookup, project, membership: what every project request costs before its own work.
 AUTH_QUERIES = 3
-# The lease itself: own lease, candidates, one conditional UPDATE, the answer's row (SQLite);
-# own lease, candidate, UPDATE, answer inside one transaction (Postgres, SKIP LOCKED).
-LEASE_QUERIES = 4
+# The lease itself. SQLite: one read (own lease or candidates, with the tile) and one conditional
+# UPDATE; Postgres, in one transaction: the caller's user row locked (one lease at a time per user),
+# own lease, candidate (SKIP LOCKED), UPDATE, the answer's row.
+LEASE_QUERIES = {"sqlite": 2, "postgresql": 5}
 
 
 def _project_with_tiles(make_user, annotators: int, tiles_wide: int = 4):
@@ -45,7 +48,6 @@ def _project_with_tiles(make_user, annotators: int, tiles_wide: int = 4):
     return project, tiles, users
 
 
-@pytest.mark.django_db(transaction=True)
 def test_concurrent_leases_give_each_annotator_one_tile_of_its_own(make_user):
     from backend.ml.services import next_tile
 
@@ -75,16 +77,15 @@ def test_concurrent_leases_give_each_annotator_one_tile_of_its_own(make_user):
     assert sorted(held.values_list("leased_by__username", flat=True)) == sorted(u.username for u in users)
 
 
-@pytest.mark.django_db(transaction=True)
 def test_a_lease_costs_at_most_its_query_budget_and_holds_no_sqlite_transaction(make_user):
     project, tiles, users = _project_with_tiles(make_user, annotators=1)
     client = client_for(users[0])
     with CaptureQueriesContext(connection) as queries:
         response = client.post(f"/api/projects/{project.pk}/queue/next/")
     assert response.status_code == 200 and response.json()["tile"] == tiles[0]
-    statements = [q["sql"] for q in queries.captured_queries if not q["sql"].startswith(("BEGIN", "SAVEPOINT",
-                                                                                         "RELEASE"))]
-    assert len(statements) <= AUTH_QUERIES + LEASE_QUERIES, statements
+    statements = [q["sql"] for q in queries.captured_queries
+                  if not q["sql"].startswith(("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE"))]
+    assert len(statements) <= AUTH_QUERIES + LEASE_QUERIES[connection.vendor], "\n".join(s[:100] for s in statements)
     if connection.vendor == "sqlite":
         # The one database write lock is taken by the conditional UPDATE alone, not by a
         # transaction around the reads.
@@ -93,7 +94,6 @@ def test_a_lease_costs_at_most_its_query_budget_and_holds_no_sqlite_transaction(
     assert client.post(f"/api/projects/{project.pk}/queue/next/").json()["tile"] == tiles[0]
 
 
-@pytest.mark.django_db(transaction=True)
 def test_a_submitted_tile_leaves_the_queue_and_a_lease_skips_it(make_user):
     from backend.ml.services import next_tile
 
@@ -135,3 +135,99 @@ def test_a_blocking_group_send_reaches_the_members(tmp_path):
         return await asyncio.wait_for(layer.receive(channel), 5)
 
     assert asyncio.run(scenario()) == {"type": "karyo.event", "event": {"n": 1}}
+
+
+def _storage_class():
+    """The class of the configured storage (local or S3), to wrap its ``save``."""
+    from django.core.files.storage import default_storage
+
+    default_storage.exists("probe")  # the lazy storage sets itself up
+    return type(default_storage._wrapped)
+
+
+def _submit(user, tile_id: int):
+    labels = np.zeros((64, 64), np.uint16)
+    labels[10:20, 10:20] = 1
+    return client_for(user).post(f"/api/tiles/{tile_id}/annotations/",
+                                 {"mask": SimpleUploadedFile("m.png", label_png(labels))}, format="multipart")
+
+
+def test_a_submission_writes_its_files_first_and_holds_its_transaction_for_one_read_and_one_insert(
+        make_user, monkeypatch):
+    from django.core.files.storage import default_storage
+
+    from backend.images.models import Annotation
+
+    project, tiles, users = _project_with_tiles(make_user, annotators=1)
+    assert _submit(users[0], tiles[0]).status_code == 201  # version 1: the next one has a parent
+    saved_inside_transaction = []
+    storage_class = _storage_class()
+    original_save = storage_class.save
+
+    def save(self, name, content, *args, **kwargs):
+        saved_inside_transaction.append(connection.in_atomic_block)
+        return original_save(self, name, content, *args, **kwargs)
+
+    monkeypatch.setattr(storage_class, "save", save)
+    statements: list[tuple[str, bool]] = []
+
+    def record(execute, sql, params, many, context):
+        statements.append((sql, connection.in_atomic_block))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(record):
+        response = _submit(users[0], tiles[0])
+    assert response.status_code == 201 and response.json()["version"] == 2, response.content
+    assert saved_inside_transaction == [False]
+    insert = next(i for i, (sql, _) in enumerate(statements) if sql.startswith('INSERT INTO "images_annotation"'))
+    first = insert
+    while first > 0 and statements[first - 1][1] and not statements[first - 1][0].startswith("BEGIN"):
+        first -= 1
+    inside = [sql for sql, _ in statements[first:insert + 1]]
+    assert len(inside) == 2 and inside[0].startswith("SELECT") and '"images_annotation"' in inside[0], inside
+    after = statements[insert + 1:]
+    assert not after or not after[0][1] or after[0][0].startswith("BEGIN"), after[:2]
+    second = Annotation.objects.get(tile_id=tiles[0], version=2)
+    assert second.parent_id == Annotation.objects.get(tile_id=tiles[0], version=1).pk
+    assert default_storage.exists(second.mask.name)
+
+
+def test_a_submission_enqueues_the_stitching_and_does_not_run_it(make_user, monkeypatch):
+    from celery import current_app
+
+    from backend.images import truth
+
+    project, tiles, users = _project_with_tiles(make_user, annotators=1)
+    ran, sent = [], []
+    monkeypatch.setattr(truth, "run_stitch", lambda **kwargs: ran.append(kwargs))
+    monkeypatch.setattr(current_app.tasks["karyo.cpu.stitch_image"], "delay", lambda *args: sent.append(args))
+    assert _submit(users[0], tiles[0]).status_code == 201
+    assert sent == [(Tile.objects.get(pk=tiles[0]).image_id,)] and ran == []
+
+
+def test_a_submission_that_keeps_conflicting_leaves_no_file_behind(make_user, monkeypatch):
+    from django.core.files.storage import default_storage
+    from django.db import IntegrityError
+
+    from backend.common.errors import Conflict
+    from backend.images import services
+    from backend.images.models import Annotation
+
+    project, tiles, users = _project_with_tiles(make_user, annotators=1)
+    saved: list[str] = []
+    storage_class = _storage_class()
+    original_save = storage_class.save
+
+    def save(self, name, content, *args, **kwargs):
+        saved.append(original_save(self, name, content, *args, **kwargs))
+        return saved[-1]
+
+    def version_always_taken(**kwargs):
+        raise IntegrityError("UNIQUE constraint failed: images_annotation.tile_id, images_annotation.version")
+
+    monkeypatch.setattr(storage_class, "save", save)
+    monkeypatch.setattr(Annotation.objects, "create", version_always_taken)
+    with pytest.raises(Conflict):
+        services.create_annotation(tile=Tile.objects.get(pk=tiles[0]), instances=np.zeros((64, 64), np.uint16),
+                                   author=users[0])
+    assert len(saved) == 1 and not default_storage.exists(saved[0])

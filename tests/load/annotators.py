@@ -9,7 +9,8 @@ editor opens, and submit an annotation; requests are timed one by one.
 ``--server daphne`` serves with one Daphne process (what ``make run`` used before issue 13);
 ``--server gunicorn`` with ``--processes`` uvicorn workers under gunicorn (docker-compose), and
 ``--server runner`` with Daphne processes sharing one socket (``make run``). Everything lives in
-a fresh temporary var folder (SQLite, local files) unless ``--var`` is given. The script stops by
+a fresh temporary var folder (SQLite, local files) unless ``--var`` is given; ``--database-url``
+serves from an empty Postgres database instead (files, cache and channel layer stay in the var folder). The script stops by
 itself: every client loop is bounded by the deadline and by ``--max-requests``.
 """
 from __future__ import annotations
@@ -125,6 +126,26 @@ async def annotator(client, base: str, project_id: int, token: str, deadline: fl
         await call("submit", "POST", f"/api/tiles/{tile}/annotations/", files={"mask": ("m.png", mask, "image/png")})
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of ``pid`` and its children, from /proc (Linux); 0 where unreadable.
+    Unlike latencies, this hardly depends on what else the machine runs."""
+    total, todo, seen = 0.0, [pid], set()
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -151,8 +172,12 @@ async def drive(base: str, project_id: int, tokens: list[str], seconds: float, m
 def report(timings: dict, errors: dict, elapsed: float, args) -> None:
     every = [t for values in timings.values() for t in values]
     total = len(every) + sum(errors.values()) - sum(v for k, v in errors.items() if "HTTP" in k)
+    from django.db import connection
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n{args.clients} clients, {elapsed:.1f} s, server={args.server}"
-          f"{'' if args.server == 'daphne' else f' x{args.processes}'}, cpus={os.cpu_count()}")
+          f"{'' if args.server == 'daphne' else f' x{args.processes}'}, database={connection.vendor}, "
+          f"cpus={os.cpu_count()}, load average at the end {load}")
     print(f"{'endpoint':<14} {'requests':>8} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7}")
     for label, values in sorted(timings.items()):
         print(f"{label:<14} {len(values):>8} {len(values) / elapsed:>7.1f} {1000 * percentile(values, 0.5):>7.0f} "
@@ -175,6 +200,8 @@ def main() -> int:
     parser.add_argument("--tile-size", type=int, default=64)
     parser.add_argument("--max-requests", type=int, default=10_000, help="per client")
     parser.add_argument("--var", help="var folder (default: a fresh temporary one)")
+    parser.add_argument("--database-url", help="an empty database to seed and serve from instead of the var "
+                        "folder's SQLite file, e.g. postgres://postgres@127.0.0.1:5432/karyo_load (created beforehand)")
     args = parser.parse_args()
     import logging
 
@@ -184,6 +211,8 @@ def main() -> int:
     os.environ.update(KARYO_VAR_DIR=str(var), DJANGO_SETTINGS_MODULE="backend.karyo.settings")
     for key in ("DATABASE_URL", "KARYO_REDIS_URL", "CELERY_BROKER_URL"):
         os.environ.pop(key, None)
+    if args.database_url:
+        os.environ["DATABASE_URL"] = args.database_url
     t0 = time.monotonic()
     project_id, tokens = prepare(clients=args.clients, images=args.images, image_size=args.image_size,
                                  tile_size=args.tile_size)
@@ -204,8 +233,10 @@ def main() -> int:
                 if server.poll() is not None:
                     raise SystemExit(f"the server exited: {(var / 'server.log').read_text()[-2000:]}") from None
                 time.sleep(0.2)
+        server_cpu = cpu_seconds(server.pid)
         timings, errors, elapsed = asyncio.run(drive(base, project_id, tokens, args.seconds, args.max_requests,
                                                      args.tile_size))
+        server_cpu = cpu_seconds(server.pid) - server_cpu
     finally:
         server.terminate()
         try:
@@ -213,6 +244,10 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             server.kill()
     report(timings, errors, elapsed, args)
+    served = sum(len(v) for v in timings.values())
+    if served:
+        print(f"server CPU: {server_cpu:.1f} s in all, {1000 * server_cpu / served:.1f} ms per request "
+              "(every web process; comparable across machine loads, unlike the latencies)")
     return 0
 
 

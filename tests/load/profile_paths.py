@@ -1,4 +1,4 @@
-"""Profile the annotator's hot paths in process (no server): queries, wall time and the time
+"""Profile the annotator's hot paths in process (no server): queries, wall and CPU time, and the time
 spent holding the database write transaction, per request, for lease / tile image / regions / submit.
 
     .venv/bin/python -m tests.load.profile_paths --rounds 20 [--cprofile submit] [--database-url postgres://...]
@@ -112,15 +112,16 @@ def main() -> int:
         clock.total = 0.0
         profile = profiles.get(label)
         with CaptureQueriesContext(connection) as queries:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             if profile is not None:
                 profile.enable()
             response = call()
             if profile is not None:
                 profile.disable()
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         assert response.status_code < 400, (label, response.status_code, getattr(response, "data", None))
         figures[label]["ms"].append(1000 * elapsed)
+        figures[label]["cpu ms"].append(1000 * cpu)
         figures[label]["queries"].append(len(queries))
         figures[label]["write ms"].append(1000 * clock.total)
         if os.environ.get("KARYO_PROFILE_SQL") and len(figures[label]["ms"]) == 3:
@@ -139,13 +140,15 @@ def main() -> int:
                                                             format="multipart"))
     print(f"{connection.vendor}, {args.rounds} rounds x {args.clients} annotators, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'endpoint':<14} {'queries':>8} {'p50 ms':>7} {'mean ms':>8} {'write-lock ms (mean)':>21}")
+    print(f"{'endpoint':<14} {'queries':>8} {'p50 ms':>7} {'mean ms':>8} {'CPU ms (p50)':>13} "
+          f"{'write-lock ms (mean)':>21}")
     for label, values in figures.items():
         print(f"{label:<14} {max(values['queries']):>8.0f} {statistics.median(values['ms']):>7.1f} "
-              f"{statistics.fmean(values['ms']):>8.1f} {statistics.fmean(values['write ms']):>21.2f}")
+              f"{statistics.fmean(values['ms']):>8.1f} {statistics.median(values['cpu ms']):>13.1f} "
+              f"{statistics.fmean(values['write ms']):>21.2f}")
     for label, profile in profiles.items():
         out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(45)
+        pstats.Stats(profile, stream=out).sort_stats(os.environ.get("KARYO_PROFILE_SORT", "cumulative")).print_stats(45)
         print(f"\n=== cProfile {label}\n{out.getvalue()}")
     return 0
 
