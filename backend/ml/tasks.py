@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from celery import chord, shared_task
+from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
 from . import ssl, workflows
@@ -16,14 +17,24 @@ def _stop_training_on_shutdown(**_kwargs) -> None:
     ssl.WORKER_STOPPING.set()
 
 
+def _not_while_stopping() -> None:
+    """A worker shutting down may still be handed the message it had fetched (solo pool, polling
+    broker): give it back to the queue, so the run stays queued for the next worker instead of
+    being started only to be failed as stopped by the shutdown (it happened to a demo run on Ctrl-C)."""
+    if workflows.WORKER_STOPPING.is_set() or ssl.WORKER_STOPPING.is_set():
+        raise Reject("the worker is shutting down; the task goes back to the queue", requeue=True)
+
+
 @shared_task(name="karyo.gpu.train", bind=True, acks_late=True)
 def train(self, run_id: int) -> str:
+    _not_while_stopping()
     return workflows.run_training(run_id=run_id, task_id=self.request.id or "")
 
 
 @shared_task(name="karyo.gpu.pretrain", bind=True, acks_late=True)
 def pretrain(self, pretraining_id: int) -> str:
     """Self-supervised pretraining of a project's encoder (``ml.ssl``)."""
+    _not_while_stopping()
     return ssl.run_pretraining(pretraining_id=pretraining_id, task_id=self.request.id or "")
 
 

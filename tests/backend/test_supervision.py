@@ -77,6 +77,22 @@ def test_a_failed_run_stores_a_short_reason_and_no_traceback_or_server_path(trai
     assert len(body["error"]) < 200
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_training_task_handed_over_during_shutdown_goes_back_to_the_queue(trainable, monkeypatch):
+    from celery.exceptions import Reject
+
+    from backend.ml import tasks
+
+    run = start_training_run(project=trainable["project"], architecture="unet")
+    monkeypatch.setattr(workflows, "WORKER_STOPPING", type(workflows.WORKER_STOPPING)())
+    workflows.WORKER_STOPPING.set()  # Ctrl-C reached the worker before it took the message
+    with pytest.raises(Reject) as rejected:
+        tasks.train(run.pk)
+    assert rejected.value.requeue
+    run.refresh_from_db()
+    assert run.status == RunStatus.QUEUED and not run.error  # still waiting for the next worker
+
+
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_stopping_the_gpu_worker_mid_training_ends_within_seconds_and_fails_the_run(loop_project, start_worker):  # noqa: F811
