@@ -87,10 +87,11 @@ def standardize(embeddings: np.ndarray, labelled_embeddings: np.ndarray | None =
 
 
 def cold_start_rank(embeddings: np.ndarray, *, k: int, labelled_embeddings: np.ndarray | None = None,
-                    seed: int = 0) -> Ranked:
+                    seed: int = 0, standardise: bool = True) -> Ranked:
     """Before any model: the ``k`` typical tiles of the clusters no label covers (TypiClust on
-    the :func:`standardize`-d embeddings), then every other candidate by decreasing
-    typicality (stable: the order is a function of the embeddings and the seed)."""
+    the :func:`standardize`-d embeddings; ``standardise=False``: on the raw ones, as
+    ``al_sim``'s cold start), then every other candidate by decreasing typicality (stable: the
+    order is a function of the embeddings and the seed)."""
     from ml_worker.active_learning.coldstart import typical_diverse_scored
 
     emb = np.asarray(embeddings, dtype=np.float64)
@@ -99,7 +100,9 @@ def cold_start_rank(embeddings: np.ndarray, *, k: int, labelled_embeddings: np.n
         return Ranked([], [], 0.0, np.zeros(0))
     if not np.all(np.isfinite(emb)):
         raise ValueError("embeddings contain NaN or inf")
-    emb, lab = standardize(emb, labelled_embeddings)
+    lab = labelled_embeddings
+    if standardise:
+        emb, lab = standardize(emb, labelled_embeddings)
     picked, typ = typical_diverse_scored(emb, max(1, min(int(k), n)), labelled_embeddings=lab, seed=seed)
     chosen = set(picked)
     rest = [int(i) for i in np.argsort(-typ, kind="stable") if int(i) not in chosen]
