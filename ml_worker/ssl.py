@@ -32,7 +32,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SSLConfig", "pretrain", "ssl_embeddings", "random_encoder_embeddings", "INPUT_NORMS"]
+__all__ = ["SSLConfig", "pretrain", "ssl_embeddings", "random_encoder_embeddings", "embed_batched", "INPUT_NORMS"]
 
 #: how a tile becomes the encoder's input: ``dataset`` (channel statistics of all the tiles,
 #: stored in the checkpoint) or ``image`` (each tile's own z-score, as training runs default to)
@@ -190,16 +190,60 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
             "seconds": time.perf_counter() - t0}
 
 
+def embed_batched(model: Any, tiles: Sequence[np.ndarray], *, normalizer: Any = None, tile_size: int = 256,
+                  batch_size: int = 32) -> np.ndarray:
+    """(n, D) float32: ``active_learning.embed_tile`` of every tile (the central ``tile_size``
+    crop, mirror-padded to the model's divisor), with tiles of one shape through the network
+    ``batch_size`` at a time (the model in eval mode: the same values, fewer passes)."""
+    import torch
+
+    from ml_worker.data import preprocess
+
+    div = int(getattr(model, "size_divisor", 1) or 1)
+    crops = []
+    for t in tiles:
+        img = np.asarray(t)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        x = preprocess(img, normalizer)
+        _, H, W = x.shape
+        th, tw = min(tile_size, H), min(tile_size, W)
+        y0, x0 = (H - th) // 2, (W - tw) // 2
+        crop = x[:, y0 : y0 + th, x0 : x0 + tw]
+        ph, pw = -(-th // div) * div, -(-tw // div) * div
+        if (ph, pw) != (th, tw):
+            crop = np.pad(crop, ((0, 0), (0, ph - th), (0, pw - tw)), mode="symmetric")
+        crops.append(np.ascontiguousarray(crop, dtype=np.float32))
+    if not crops:
+        return np.zeros((0, 0), np.float32)
+    out: list[np.ndarray | None] = [None] * len(crops)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, c in enumerate(crops):
+        by_shape.setdefault(c.shape, []).append(i)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for idx in by_shape.values():
+                for j in range(0, len(idx), batch_size):
+                    part = idx[j : j + batch_size]
+                    e = model.embed(torch.from_numpy(np.stack([crops[i] for i in part]))).float().cpu().numpy()
+                    for i, row in zip(part, e):
+                        out[i] = row.astype(np.float32)
+    finally:
+        model.train(was_training)
+    return np.stack(out)
+
+
 def ssl_embeddings(checkpoint: str | Path, tiles: Sequence[np.ndarray], *, tile_size: int = 256) -> np.ndarray:
     """(n, D) embeddings of ``tiles`` by a checkpoint's encoder (``model.embed``, the input
     preprocessed as stored in the checkpoint) — the cold-start features."""
-    from ml_worker.active_learning import embed_tile
     from ml_worker.checkpoint import load_checkpoint
     from ml_worker.data import Preprocessing
 
     model, meta = load_checkpoint(checkpoint)
     prep = Preprocessing.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
-    return np.stack([embed_tile(model, t, normalizer=prep, tile_size=tile_size, device="cpu") for t in tiles])
+    return embed_batched(model, tiles, normalizer=prep, tile_size=tile_size)
 
 
 #: the encoder of :func:`random_encoder_embeddings` (small: it only has to tell tiles apart)
@@ -214,7 +258,6 @@ def random_encoder_embeddings(tiles: Sequence[np.ndarray], *, seed: int = 0, til
     texture; this is what ``ml_worker.al_sim``'s cold-start strategies use without ``+ssl``."""
     import torch
 
-    from ml_worker.active_learning import embed_tile
     from ml_worker.data import Preprocessing
     from ml_worker.models import create_model
 
@@ -225,7 +268,7 @@ def random_encoder_embeddings(tiles: Sequence[np.ndarray], *, seed: int = 0, til
         torch.manual_seed(int(seed))
         model = create_model(RANDOM_ENCODER["arch"], **RANDOM_ENCODER["model_kwargs"]).eval()
     prep = Preprocessing.fit(imgs)
-    return np.stack([embed_tile(model, t, normalizer=prep, tile_size=tile_size, device="cpu") for t in imgs])
+    return embed_batched(model, imgs, normalizer=prep, tile_size=tile_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -143,3 +143,22 @@ def test_the_catalog_checks_pretraining_options():
     with pytest.raises(catalog.CatalogError, match="unknown pretraining option 'epochs'"):
         catalog.validate_ssl_options({"epochs": 3})
     assert [o["name"] for o in catalog.as_dict()["ssl_options"]] == ["steps", "batch_size", "crop", "lr", "max_tiles"]
+
+
+
+def test_batched_embeddings_equal_the_tile_by_tile_ones():
+    import torch
+
+    from ml_worker.active_learning import embed_tile
+    from ml_worker.data import Preprocessing
+    from ml_worker.models import create_model
+    from ml_worker.ssl import embed_batched
+
+    tiles, _ = planted_tiles(per_kind=2)
+    tiles += [np.full((40, 72, 3), 120, np.uint8)]  # another shape: its own batch, padded to the divisor
+    torch.manual_seed(0)
+    model = create_model("unet", width=4, depth=2).eval()
+    prep = Preprocessing.fit(tiles)
+    one_by_one = np.stack([embed_tile(model, t, normalizer=prep, tile_size=64, device="cpu") for t in tiles])
+    np.testing.assert_allclose(embed_batched(model, tiles, normalizer=prep, tile_size=64, batch_size=4), one_by_one,
+                               rtol=1e-4, atol=1e-5)
