@@ -54,6 +54,8 @@ class SSLConfig:
         threads: torch CPU threads (None: torch's default).
         input_norm: :data:`INPUT_NORMS`; use the training runs' own (``TrainConfig.input_norm``)
             when the checkpoint is to start them.
+        device: torch device (None: CUDA when available, else CPU); the views are made on
+            the CPU either way.
     """
 
     arch: str = "unet"
@@ -66,6 +68,7 @@ class SSLConfig:
     seed: int = 0
     threads: int | None = None
     input_norm: str = "dataset"
+    device: str | None = None
 
 
 def _views(batch: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
@@ -114,6 +117,7 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
 
     from ml_worker.checkpoint import save_checkpoint
     from ml_worker.data import Preprocessing, preprocess
+    from ml_worker.inference import pick_device
     from ml_worker.models import create_model
 
     cfg = config or SSLConfig()
@@ -148,6 +152,10 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
                               nn.Linear(p, p, bias=False), nn.BatchNorm1d(p, affine=False))
     predictor = nn.Sequential(nn.Linear(p, p // 2, bias=False), nn.BatchNorm1d(p // 2), nn.ReLU(inplace=True),
                               nn.Linear(p // 2, p))
+    dev = pick_device(cfg.device)
+    model.to(dev)
+    projector.to(dev)
+    predictor.to(dev)
     params = list(model.parameters()) + list(projector.parameters()) + list(predictor.parameters())
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
@@ -166,8 +174,8 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
                     "loss_last": losses[-1] if losses else None}
         pick = rng.choice(len(arrays), bs, replace=len(arrays) < bs)
         batch = [arrays[i] for i in pick]
-        v1 = torch.from_numpy(np.stack([_views(b[None], crop, rng)[0] for b in batch]))
-        v2 = torch.from_numpy(np.stack([_views(b[None], crop, rng)[0] for b in batch]))
+        v1 = torch.from_numpy(np.stack([_views(b[None], crop, rng)[0] for b in batch])).to(dev)
+        v2 = torch.from_numpy(np.stack([_views(b[None], crop, rng)[0] for b in batch])).to(dev)
         z1 = projector(model.bottleneck(v1).mean(dim=(2, 3)))
         z2 = projector(model.bottleneck(v2).mean(dim=(2, 3)))
         loss = 0.5 * (neg_cos(predictor(z1), z2) + neg_cos(predictor(z2), z1))
@@ -181,7 +189,7 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
         if progress is not None and ((step + 1) % every == 0 or step + 1 == cfg.steps):
             progress({"event": "step", "step": step + 1, "steps": int(cfg.steps), "loss": losses[-1],
                       "progress": (step + 1) / int(cfg.steps)})
-    model.eval()
+    model.eval().cpu()
     info = {"config": asdict(cfg), "loss_first": float(np.mean(losses[: max(1, len(losses) // 10)])),
             "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])), "steps": len(losses),
             "tiles": len(arrays)}
