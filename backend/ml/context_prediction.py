@@ -3,12 +3,15 @@ ownership rule of ``backend.images.margins``), each whole, including its parts o
 
 The instance map they are cut from is predicted on more than the tile:
 
-* the whole image at once (blended tiled inference, ``ml_worker.inference.predict_instances``)
-  when its working-resolution area is at most ``WHOLE_IMAGE_PIXELS``: computed once per image and
-  kept while the image's tiles are stored, so a nucleus crossing a tile border is the same
-  nucleus seen from both tiles;
-* otherwise (a slide) the tile's context frame (``margins.context_frame``: the tile with the
-  project's ``context_margin``); a nucleus larger than the margin is cut at the frame's edge.
+* the region of the image that the context frames (``margins.context_frame``: the tile with the
+  project's ``context_margin``) of the run's tiles of that image cover — the whole image when
+  every tile is predicted, a strip of a slide for a chunk of its tiles — at once (blended tiled
+  inference, ``ml_worker.inference.predict_instances``), when it is at most
+  ``WHOLE_IMAGE_PIXELS`` and the frames fill at least a third of it: computed once and kept
+  while the image's tiles are stored, so a nucleus crossing a tile border is the same nucleus
+  seen from both tiles;
+* otherwise (scattered tiles of a slide) each tile's context frame on its own; a nucleus larger
+  than the margin is cut at the frame's edge.
 
 The tile's own analysis (``analyze_tiles``: uncertainty scores, embedding, heat map) is unchanged;
 this adds the map a ``Prediction`` stores as ``context_mask`` (and its tile-box crop as ``mask``).
@@ -61,10 +64,21 @@ class _Map:
 class ContextPredictor:
     """``predictor(tile)`` -> :class:`OwnedPrediction` for the tiles of one model version."""
 
-    def __init__(self, *, model, normalizer, tile_size: int, classes: list[dict]):
+    def __init__(self, *, model, normalizer, tile_size: int, classes: list[dict], tiles: list[Tile]):
         self.model, self.normalizer, self.tile_size, self.classes = model, normalizer, int(tile_size), classes
         self._image_map: tuple[int, _Map] | None = None
         self._rects: tuple[int, list[int], list] | None = None
+        # Per image: the region the run's tiles' frames cover, when it is worth predicting at once.
+        frames: dict[int, list[margins.Frame]] = {}
+        for tile in tiles:
+            frames.setdefault(tile.image_id, []).append(margins.context_frame(tile=tile))
+        self._regions: dict[int, tuple[int, int, int, int]] = {}
+        for image_id, group in frames.items():
+            x0, y0 = min(f.x for f in group), min(f.y for f in group)
+            x1, y1 = max(f.x + f.w for f in group), max(f.y + f.h for f in group)
+            area = (x1 - x0) * (y1 - y0)
+            if area <= WHOLE_IMAGE_PIXELS and 3 * sum(f.w * f.h for f in group) >= area:
+                self._regions[image_id] = (x0, y0, x1 - x0, y1 - y0)
 
     def _infer(self, rgb: np.ndarray, *, x: int, y: int) -> _Map:
         from ml_worker.inference import predict_instances
@@ -88,12 +102,14 @@ class ContextPredictor:
     def _map_for(self, tile: Tile, frame: margins.Frame) -> _Map:
         image, project = tile.image, tile.project
         scale = level0_per_working_pixel(image, working_mpp=project.working_mpp)
-        width, height = max(1, int(image.width / scale)), max(1, int(image.height / scale))
-        if width * height <= WHOLE_IMAGE_PIXELS:
+        region = self._regions.get(image.pk)
+        if region is not None:
             if self._image_map is None or self._image_map[0] != image.pk:
                 self._image_map = None  # let the previous image's map go first
-                rgb = read_image_region(image, x=0, y=0, w=width, h=height, working_mpp=project.working_mpp)
-                self._image_map = (image.pk, self._infer(np.ascontiguousarray(rgb), x=0, y=0))
+                x, y, w, h = region
+                rgb = read_image_region(image, x=round(x * scale), y=round(y * scale), w=w, h=h,
+                                        working_mpp=project.working_mpp)
+                self._image_map = (image.pk, self._infer(np.ascontiguousarray(rgb), x=x, y=y))
             return self._image_map[1]
         rgb = read_image_region(image, x=round(frame.x * scale), y=round(frame.y * scale), w=frame.w, h=frame.h,
                                 working_mpp=project.working_mpp)

@@ -410,7 +410,8 @@ def run_prediction(*, project_id: int, model_version_id: int, tile_ids: list[int
     done = seen = 0
     slide_totals = _slide_totals(tiles)
     # The nuclei each tile owns, whole (issue 12): predicted on the image (or the tile's context).
-    whole = ContextPredictor(model=model, normalizer=normalizer, tile_size=tile_size, classes=model_version.classes or [])
+    whole = ContextPredictor(model=model, normalizer=normalizer, tile_size=tile_size, classes=model_version.classes or [],
+                             tiles=tiles)
     for batch in _batches(prefetched_pixels(tiles), PREDICT_BATCH):
         # Tiles of one shape go through the network together; reads of the next ones overlap.
         analyses = analyze_tiles(model, [rgb for _, rgb in batch], normalizer=normalizer, tile_size=tile_size,

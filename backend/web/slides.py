@@ -92,18 +92,19 @@ def viewport_nuclei(*, image: Image, x: int, y: int, w: int, h: int, limit: int)
     nuclei, sources, truncated = [], set(), False
     for tile in tiles:
         annotation = annotations.get(tile.pk)
-        if annotation is not None:
-            mask_name, classes, source = annotation.mask.name, annotation.classes or {}, "annotation"
-        elif tile.pk in predictions:
-            mask_name, classes, source = predictions[tile.pk].mask.name, {}, "prediction"
-        else:
+        stored = annotation if annotation is not None else predictions.get(tile.pk)
+        if stored is None:
             continue
+        classes, source = (annotation.classes or {}, "annotation") if annotation is not None else ({}, "prediction")
+        # The nuclei the tile owns, whole (issue 12: context_mask, offset from the tile's origin), else its box.
+        mask_name, offset = ((stored.context_mask.name, (stored.context_x, stored.context_y)) if stored.context_mask
+                             else (stored.mask.name, (0, 0)))
         sources.add(source)
         for label, points in _outline_regions(mask_name):
             if len(nuclei) >= limit:
                 truncated = True
                 break
-            polygon = np.round(points * scale + (tile.x, tile.y), 1).tolist()
+            polygon = np.round((points + offset) * scale + (tile.x, tile.y), 1).tolist()
             nuclei.append({"id": tile.pk * 65536 + int(label), "tile_id": tile.pk,
                            "class_id": int(classes.get(str(label), default_class)), "source": source,
                            "polygon": polygon})

@@ -107,6 +107,11 @@ def test_a_nucleus_drawn_across_a_tile_border_is_stored_once_whole_in_the_owning
     assert points[:, 0].max() > 70
     # ... and the right tile's does not hold it (it is outlined on its picture as the neighbour's).
     assert opened(api, right)["nuclei"] == 1
+    # The image viewer outlines it whole too, once.
+    shown = api("viewer").get(f"/api/images/{grid['image'].pk}/nuclei/", {"x": 0, "y": 0, "w": 192, "h": 192}).json()
+    outlines = [np.array(n["polygon"]) for n in shown["nuclei"]]
+    assert len(outlines) == 2
+    assert any(p[:, 0].min() < 52 and p[:, 0].max() > 72 for p in outlines)
 
 
 def test_two_touching_nuclei_on_a_shared_tile_edge_stay_two_in_the_stitched_map(grid, api):
