@@ -78,6 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--clients", type=int, default=5)
+    parser.add_argument("--images", type=int, default=12, help="512x512 images of 64 px tiles (12: the load benchmark)")
     parser.add_argument("--cprofile", choices=["queue/next", "tile image", "tile regions", "submit"], action="append",
                         default=[])
     parser.add_argument("--database-url")
@@ -92,7 +93,7 @@ def main() -> int:
 
     from tests.load.annotators import empty_mask_png, prepare
 
-    project_id, tokens = prepare(clients=args.clients, images=4, image_size=512, tile_size=64)
+    project_id, tokens = prepare(clients=args.clients, images=args.images, image_size=512, tile_size=64)
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
     from rest_framework.test import APIClient
@@ -141,11 +142,11 @@ def main() -> int:
     print(f"{connection.vendor}, {args.rounds} rounds x {args.clients} annotators, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'endpoint':<14} {'queries':>8} {'p50 ms':>7} {'mean ms':>8} {'CPU ms (p50)':>13} "
-          f"{'write-lock ms (mean)':>21}")
+          f"{'write-lock ms (p50)':>20} {'(mean)':>7}")
     for label, values in figures.items():
         print(f"{label:<14} {max(values['queries']):>8.0f} {statistics.median(values['ms']):>7.1f} "
               f"{statistics.fmean(values['ms']):>8.1f} {statistics.median(values['cpu ms']):>13.1f} "
-              f"{statistics.fmean(values['write ms']):>21.2f}")
+              f"{statistics.median(values['write ms']):>20.2f} {statistics.fmean(values['write ms']):>7.2f}")
     for label, profile in profiles.items():
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats(os.environ.get("KARYO_PROFILE_SORT", "cumulative")).print_stats(45)
