@@ -23,7 +23,8 @@ another tile owns. Its nuclei are pasted as they are: no matching, no halving, s
 nuclei whose outlines both end on a shared tile edge stay two. Versions of the tile box only
 (older versions, imports) go through steps 1-3; such a nucleus is dropped when its centroid lies
 in a tile with a whole version (that version decides what is there), or when it is mostly the
-same pixels as a whole nucleus (a piece of it seen from the neighbour).
+same pixels as a whole nucleus (a piece of it seen from the neighbour); one that matches a whole
+nucleus across the border of the whole version's tile (as in step 2) joins it.
 
 **Ownership rule**: a nucleus belongs to the tile that holds its centroid. Where tiles overlap,
 the centroid's owner is the contributing tile whose centre is nearest (Euclidean; ties go to the
@@ -294,15 +295,63 @@ def stitch(tiles: list[TileLabels], *, default_class: int) -> list[Nucleus]:
         legacy = [tiles[t] for t in legacy_idx]
         by_id = {tiles[t].tile_id: t for t in legacy_idx}
         decided = set(whole_idx)
+        kept = []
         for n in _stitch_boxes(legacy, default_class=default_class):
             cx, cy = n.centroid
             if owner_of(tiles, cx, cy) in decided:
                 continue  # the tile holding its centroid has a whole version: that version decides
             if _covered_by(n, whole, [tiles[by_id[i]].rect for i in n.tiles if i in by_id]):
                 continue  # the neighbour's view of a nucleus a whole version holds
+            kept.append(n)
+        for n in _join_across(tiles, whole_idx, legacy_idx, nuclei, kept):
             nuclei.append(((by_id.get(n.tile_id, len(tiles)), n.source_label), n))
     nuclei.sort(key=lambda item: item[0])
     return [n for _, n in nuclei]
+
+
+def _join_across(tiles: list[TileLabels], whole_idx: list[int], legacy_idx: list[int],
+                 whole: list[tuple[tuple[int, int], Nucleus]], pieces: list[Nucleus]) -> list[Nucleus]:
+    """Where a whole version's tile abuts or overlaps a tile-box version, a piece of the latter
+    that matches one of the former's nuclei at the border (the rules of steps 2-3, on the whole
+    version's tile box) is the rest of that nucleus (e.g. a nucleus the whole version's tile
+    held only in part when it was opened from an older tile-box version): its pixels join the
+    whole nucleus. Returns the pieces that stay nuclei of their own."""
+    by_label = {(key[0], n.source_label): k for k, (key, n) in enumerate(whole)}
+    gone: set[int] = set()
+    for w in whole_idx:
+        tw = tiles[w]
+        box = TileLabels(tw.tile_id, tw.x, tw.y, tw.instances[-tw.oy : -tw.oy + tw.h, -tw.ox : -tw.ox + tw.w],
+                         tw.classes)
+        for li in legacy_idx:
+            pair = [box, tiles[li]]
+            if not _neighbours(pair):
+                continue
+            legacy = tiles[li]
+            for lw, ll in _link(pair, 0, 1):
+                k = by_label.get((w, lw))
+                rows, cols = np.nonzero(legacy.instances == ll)
+                if k is None or not len(rows):
+                    continue
+                px, py = legacy.x + int(cols[0]), legacy.y + int(rows[0])
+                for p, piece in enumerate(pieces):
+                    x0, y0, x1, y1 = piece.bbox
+                    if p not in gone and x0 <= px < x1 and y0 <= py < y1 and piece.crop[py - y0, px - x0]:
+                        whole[k] = (whole[k][0], _union(whole[k][1], piece))
+                        gone.add(p)
+                        break
+    return [piece for p, piece in enumerate(pieces) if p not in gone]
+
+
+def _union(n: Nucleus, piece: Nucleus) -> Nucleus:
+    """``n`` with ``piece``'s pixels added (its class and owner kept)."""
+    x0, y0 = min(n.x0, piece.x0), min(n.y0, piece.y0)
+    x1, y1 = max(n.bbox[2], piece.bbox[2]), max(n.bbox[3], piece.bbox[3])
+    crop = np.zeros((y1 - y0, x1 - x0), bool)
+    for part in (n, piece):
+        crop[part.y0 - y0 : part.bbox[3] - y0, part.x0 - x0 : part.bbox[2] - x0] |= part.crop
+    return Nucleus(x0=x0, y0=y0, crop=crop, class_id=n.class_id, tile_id=n.tile_id, annotation_id=n.annotation_id,
+                   version=n.version, source_label=n.source_label,
+                   tiles=tuple(sorted(set(n.tiles) | set(piece.tiles))))
 
 
 def _stitch_boxes(tiles: list[TileLabels], *, default_class: int) -> list[Nucleus]:

@@ -181,3 +181,20 @@ def test_the_image_export_holds_a_nucleus_drawn_across_a_tile_border_once_and_wh
     crossing = instances == instances[95, 60]
     ys, xs = np.nonzero(crossing)
     assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (50, 74, 90, 100)
+
+
+def test_a_tile_resubmitted_from_an_imported_version_stays_joined_with_the_neighbours_imported_piece(grid, api):
+    left, right = grid["tiles"][(0, 64)], grid["tiles"][(64, 64)]
+    image_mask = np.zeros((192, 192), np.int32)
+    image_mask[90:100, 56:76] = 7  # across x = 64, centroid x = 66: the right tile's
+    image_mask[70:80, 20:30] = 8
+    for tile in (left, right):
+        create_annotation(tile=tile, instances=image_mask[64:128, tile.x : tile.x + 64], author=None,
+                          source=AnnotationSource.IMPORTED, status=AnnotationStatus.REVIEWED)
+    assert sorted(n.bbox for n in stitched_nuclei(image=grid["image"])) == [(20, 70, 30, 80), (56, 90, 76, 100)]
+
+    # The left tile is opened from its imported version (its piece of nucleus 7 only) and submitted as it is.
+    page = opened(api, left)
+    assert page["source"] == "annotation" and page["nuclei"] == 2
+    submit(api, left, [], page["frame"], base={"kind": "annotation", "id": page["annotation"]["id"]})
+    assert sorted(n.bbox for n in stitched_nuclei(image=grid["image"])) == [(20, 70, 30, 80), (56, 90, 76, 100)]
