@@ -102,7 +102,7 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
         out_path: the Karyo checkpoint to write (``TrainConfig.init_weights``-ready); written
             to a temporary file and renamed (``save_checkpoint``): never half-written.
         config: :class:`SSLConfig`.
-        progress: called every ``max(1, steps // 20)`` steps and at the end with
+        progress: called every ``steps // 20`` steps (at least 1, at most 25) and at the end with
             ``{"event": "step", "step", "steps", "loss", "progress"}``.
         should_stop: polled before every step; when it returns True nothing is written and
             the result's ``status`` is ``"cancelled"``.
@@ -165,7 +165,7 @@ def pretrain(tiles: Sequence[np.ndarray], out_path: str | Path, config: SSLConfi
     def neg_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return -nn.functional.cosine_similarity(a, b.detach(), dim=1).mean()
 
-    every = max(1, int(cfg.steps) // 20)
+    every = max(1, min(int(cfg.steps) // 20, 25))
     for step in range(int(cfg.steps)):
         if should_stop is not None and should_stop():
             log.info("ssl pretraining stopped at step %d/%d", step, cfg.steps)

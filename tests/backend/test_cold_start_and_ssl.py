@@ -305,3 +305,36 @@ def test_admins_start_and_cancel_a_pretraining_through_the_api_and_bad_options_a
     cancelled = api("admin").post(f"/api/pretrainings/{pretraining['id']}/cancel/")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert api("admin").post(f"/api/pretrainings/{pretraining['id']}/cancel/").status_code == 409
+
+
+# --- the real worker: the task, its progress, its follow-up ranking, cancel ---------------------
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_celery_worker_pretrains_reports_progress_and_ranks_the_queue_on_the_new_encoder(make_user, start_worker):
+    from tests.backend.test_active_learning_loop import wait_until
+
+    admin = make_user("alice")
+    project, kind_of = planted_project(admin, name="Worker SSL", ssl_pretrain=True, per_kind=5)
+    worker = start_worker("gpu")
+    pretraining = start_pretraining(project=project, config={**SSL_TINY, "steps": 20}, started_by=admin)
+    done = wait_until(lambda: EncoderPretraining.objects.filter(pk=pretraining.pk, status__in=[
+        "succeeded", "failed", "cancelled"]).first(), 240, "the pretraining", worker=worker)
+    assert done.status == RunStatus.SUCCEEDED, done.error
+    assert done.checkpoint and len(done.checkpoint_sha256) == 64 and done.progress == 1.0
+    assert {"ssl.queued", "ssl.started", "ssl.succeeded"} <= set(
+        ProjectEvent.objects.filter(project=project).values_list("kind", flat=True))
+    # No model yet: the worker ranked the queue again, on the encoder's features.
+    ranked = wait_until(lambda: ProjectEvent.objects.filter(project=project, kind="queue.ranked").first(), 120,
+                        "the ranking after the pretraining", worker=worker)
+    assert ranked.data["features"] == "ssl" and ranked.data["sha256"] == done.checkpoint_sha256
+    assert QueueEntry.objects.filter(project=project, strategy="typical").count() == len(kind_of)
+
+    # A long one, cancelled while it runs: stopped at its next step, nothing stored.
+    long = start_pretraining(project=project, config={**SSL_TINY, "steps": 100000}, started_by=admin)
+    wait_until(lambda: EncoderPretraining.objects.filter(pk=long.pk, status="running", progress__gt=0).exists(), 120,
+               "the long pretraining to make progress", worker=worker)
+    cancel_pretraining(pretraining=long, by=admin)
+    stopped = wait_until(lambda: EncoderPretraining.objects.filter(pk=long.pk, status="cancelled").first(), 60,
+                         "the cancel", worker=worker)
+    assert not stopped.checkpoint and not stopped.checkpoint_sha256
