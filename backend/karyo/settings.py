@@ -299,6 +299,8 @@ SPECTACULAR_SETTINGS = {
     # Distinct names for choice sets that share a field name (`--fail-on-warn` refuses collisions).
     "ENUM_NAME_OVERRIDES": {
         "AnnotationSourceEnum": "backend.images.models.AnnotationSource",
+        # Training runs and encoder pretrainings share one status set (queued ... cancelled).
+        "RunStatusEnum": "backend.ml.models.RunStatus",
         "NucleusSourceEnum": ["annotation", "prediction"],
         "MixedNucleusSourceEnum": ["annotation", "prediction", "mixed"],
     },
