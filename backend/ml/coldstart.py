@@ -76,9 +76,9 @@ def rank_without_model(*, project: Project, pool: list[int], labelled: list[int]
         ranked_ids, rest = pool, []
     if len(labelled) > LABELLED_LIMIT:
         labelled = sorted(rng.choice(labelled, LABELLED_LIMIT, replace=False).tolist())
-    emb, source = embed_without_model(project=project, tile_ids=ranked_ids + list(labelled), seed=seed)
     if not ranked_ids:
-        return [], source
+        return [], {"features": "none"}
+    emb, source = embed_without_model(project=project, tile_ids=ranked_ids + list(labelled), seed=seed)
     cand, lab = emb[: len(ranked_ids)], emb[len(ranked_ids):]
     ranked = cold_start_rank(cand, k=batch_size, labelled_embeddings=lab if len(lab) else None, seed=seed)
     typ = ranked.typicality
