@@ -5,6 +5,6 @@ from . import services
 
 
 def on_annotation_saved(sender, *, annotation, **_kwargs) -> None:
-    """images.signals.annotation_saved: release the tile from the queue, record the correction
-    effort, maybe start an auto-retrain run."""
+    """images.signals.annotation_saved: release the tile from the queue, enqueue the correction
+    effort (cpu task), maybe start an auto-retrain run."""
     services.on_annotation_saved(annotation=annotation)

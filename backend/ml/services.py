@@ -174,8 +174,9 @@ def maybe_auto_retrain(*, project: Project) -> TrainingRun | None:
 def on_annotation_saved(*, annotation: Annotation) -> None:
     """Called after an annotation version is stored or reviewed: release its lease, maybe retrain."""
     tile = annotation.tile
-    if annotation.status != "draft":
-        record_correction_effort(annotation=annotation)
+    if annotation.status != "draft" and annotation.source != "imported":
+        # Reads two label maps and matches their nuclei: a cpu task, not the submitting request.
+        enqueue_on_commit("karyo.cpu.correction_effort", annotation.pk)  # ml.tasks.correction_effort
     if annotation.status in ("submitted", "reviewed"):
         # Submitted work leaves the annotators' queue even while it waits for review.
         QueueEntry.objects.filter(project=tile.project, tile=tile).delete()

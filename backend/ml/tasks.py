@@ -6,7 +6,7 @@ from celery.exceptions import Reject
 from celery.signals import worker_shutting_down
 
 from . import ssl, workflows
-from .services import fail_stale_pretrainings, fail_stale_runs
+from .services import fail_stale_pretrainings, fail_stale_runs, record_correction_effort
 
 
 @worker_shutting_down.connect
@@ -23,6 +23,16 @@ def _not_while_stopping() -> None:
     being started only to be failed as stopped by the shutdown (it happened to a demo run on Ctrl-C)."""
     if workflows.WORKER_STOPPING.is_set() or ssl.WORKER_STOPPING.is_set():
         raise Reject("the worker is shutting down; the task goes back to the queue", requeue=True)
+
+
+@shared_task(name="karyo.cpu.correction_effort", acks_late=True)
+def correction_effort(annotation_id: int) -> bool:
+    """What the author of a stored correction had to change (``services.record_correction_effort``);
+    enqueued by the annotation_saved subscriber. Idempotent."""
+    from backend.images.models import Annotation
+
+    annotation = Annotation.objects.filter(pk=annotation_id).select_related("tile", "prediction").first()
+    return annotation is not None and record_correction_effort(annotation=annotation) is not None
 
 
 @shared_task(name="karyo.gpu.train", bind=True, acks_late=True)

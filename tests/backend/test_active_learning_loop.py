@@ -192,10 +192,14 @@ def test_the_loop_trains_predicts_ranks_retrains_and_streams_progress(loop_proje
     submit_truth(ann2, results["ann2"], truths[results["ann2"]])
     submit_truth(ann1, seed_tiles[2], truths[seed_tiles[2]])
     submitted_at = time.monotonic()
-    # Each correction of a v1 prediction records what the pathologist had to change.
-    efforts = client_for(admin).get(f"/api/projects/{project.pk}/model-versions/").json()["results"]
-    effort_v1 = next(v for v in efforts if v["id"] == v1.pk)["correction_effort"]
-    assert effort_v1["corrections"] == 3 and 0.0 <= effort_v1["added_or_redrawn_share"] <= 1.0
+    # Each correction of a v1 prediction records what the pathologist had to change (a cpu task).
+    def effort_of_v1():
+        efforts = client_for(admin).get(f"/api/projects/{project.pk}/model-versions/").json()["results"]
+        effort = next(v for v in efforts if v["id"] == v1.pk)["correction_effort"]
+        return effort if effort and effort["corrections"] == 3 else None
+
+    effort_v1 = wait_until(effort_of_v1, what="the correction effort of three submissions", worker=worker)
+    assert 0.0 <= effort_v1["added_or_redrawn_share"] <= 1.0
     auto = wait_until(lambda: TrainingRun.objects.filter(project=project, trigger="auto").first(), 30, "an automatic run")
     run2 = wait_until(lambda: TrainingRun.objects.filter(pk=auto.pk).exclude(status__in=["queued", "running"]).first(),
                       what="the automatic run", worker=worker)

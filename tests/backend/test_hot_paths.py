@@ -231,3 +231,34 @@ def test_a_submission_that_keeps_conflicting_leaves_no_file_behind(make_user, mo
         services.create_annotation(tile=Tile.objects.get(pk=tiles[0]), instances=np.zeros((64, 64), np.uint16),
                                    author=users[0])
     assert len(saved) == 1 and not default_storage.exists(saved[0])
+
+
+def test_a_submission_enqueues_the_correction_effort_and_the_task_records_it(make_user, monkeypatch):
+    from celery import current_app
+
+    from backend.common.storage import StagedWrites, encode_png
+    from backend.images.models import Annotation
+    from backend.ml import services, tasks
+    from backend.ml.models import CorrectionEffort, ModelStatus, ModelVersion, Prediction
+
+    project, tiles, users = _project_with_tiles(make_user, annotators=1)
+    model = ModelVersion.objects.create(project=project, version=1, architecture="unet", weights="models/v1.pt",
+                                        status=ModelStatus.ACTIVE)
+    predicted = np.zeros((64, 64), np.uint16)
+    predicted[10:20, 10:20], predicted[40:50, 40:50] = 1, 2  # the author keeps one nucleus, deletes one
+    with StagedWrites() as staged:
+        Prediction.objects.create(tile_id=tiles[0], model_version=model, nucleus_count=2,
+                                  mask=staged.save(f"predictions/{tiles[0]}.png", encode_png(predicted)))
+    computed, sent = [], []
+    original = services.record_correction_effort
+    monkeypatch.setattr(services, "record_correction_effort", lambda **kwargs: computed.append(kwargs))
+    monkeypatch.setattr(current_app.tasks["karyo.cpu.correction_effort"], "delay", lambda *args: sent.append(args))
+    assert _submit(users[0], tiles[0]).status_code == 201
+    annotation = Annotation.objects.get(tile_id=tiles[0])
+    assert sent == [(annotation.pk,)] and computed == []  # not in the submitting request
+    monkeypatch.setattr(tasks, "record_correction_effort", original)
+    assert tasks.correction_effort(annotation.pk) is True  # what the cpu worker runs
+    effort = CorrectionEffort.objects.get(annotation=annotation)
+    assert (effort.n_pred, effort.n_true, effort.n_deleted, effort.model_version_id) == (2, 1, 1, model.pk)
+    assert tasks.correction_effort(annotation.pk) is False  # a second delivery records nothing more
+    assert CorrectionEffort.objects.filter(annotation=annotation).count() == 1
