@@ -36,7 +36,7 @@ HEARTBEAT_SECONDS = 5.0
 # with a reason, instead of holding Ctrl-C for minutes or being left `running`.
 WORKER_STOPPING = threading.Event()
 STOPPED_BY_SHUTDOWN = "Karyo's worker was stopped during training (shut down or restarted); start the run again"
-_model_cache: dict[int, tuple[Any, Any, dict]] = {}
+_model_cache: dict[str, tuple[Any, Any, dict]] = {}
 
 
 def runs_dir() -> Path:
@@ -147,10 +147,13 @@ def load_model(model_version: ModelVersion):
     """(model, normalizer, meta) for a stored version; cached per worker process."""
     from ml_worker.training import load_for_inference
 
-    cached = _model_cache.get(model_version.pk)
+    # Keyed by creation time too (as a run's folder): ids restart with a new database (or a rolled
+    # back test), and a model cached for another version with the same id must not be predicted with.
+    key = f"{model_version.pk}-{model_version.created_at:%Y%m%dT%H%M%S%f}"
+    cached = _model_cache.get(key)
     if cached is not None:
         return cached
-    local = runs_dir() / "cache" / f"model-{model_version.pk}.pt"
+    local = runs_dir() / "cache" / f"model-{key}.pt"
     if not local.exists():
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_suffix(".part")
@@ -158,7 +161,7 @@ def load_model(model_version: ModelVersion):
         tmp.replace(local)
     loaded = load_for_inference(local)
     _model_cache.clear()  # one model in memory at a time: the worker's memory is bounded
-    _model_cache[model_version.pk] = loaded
+    _model_cache[key] = loaded
     return loaded
 
 
