@@ -19,8 +19,8 @@ distance-transform watershed) on the same images. Prints one table and the compa
 MONAI UNet on AJI and PQ), and writes ``bench.json`` and ``bench.png`` to ``--out``.
 
 Budgets: ``quick`` (small models, short training, single timed batch; < 10 min on a 2-core
-CPU), ``standard`` (mid-size models, a validation split, the typed set; designed for about an
-hour on a 2-core CPU with ``--preset fast``, not yet timed), ``full`` (the architectures'
+CPU), ``standard`` (mid-size models, a validation split, the typed set; about 35-40 min on
+an idle 2-core CPU with ``--preset fast``, docs/ml_worker.md), ``full`` (the architectures'
 reference configurations, long training with early stopping; for a GPU or a long run) and
 ``smoke`` (tiny everything; tests). ``--preset paper`` / ``both`` adds each seed
 architecture's paper preset as a row ``arch:paper`` (see :func:`_preset_parts`). With a

@@ -119,7 +119,7 @@ BUDGETS: dict[str, Budget] = {
     "standard": Budget(
         name="standard",
         description=(
-            "designed to fit about an hour on a 2-core CPU with --preset fast (not timed yet): mid-size "
+            "about 35-40 min on an idle 2-core CPU with --preset fast (measured 2026-12-01): mid-size "
             "models, 10 epochs x 64 patches of 128px with a validation split and early stopping, "
             "PGU-net+ learning rates 10x the paper's because of the short run, and a generated typed set for mPQ"
         ),
