@@ -113,6 +113,17 @@ class _HVContract(ModelContract):
         result["model"] = model.eval()
         return result
 
+    # A known defect, not a pass: on this 64-px batch the HV post-processing splits the touching
+    # pair into 2, 3 or 4 instances depending on the step and on the CPU's floating-point path
+    # (3 on the machine the test was written on, 2 on an AMD EPYC at the same seed, and it keeps
+    # flipping between 2 and 4 up to 1,200 steps). The standard benchmark agrees: the hv head
+    # lowers AJI (docs/ml_worker.md). Kept as a non-strict xfail so a fix shows up as XPASS.
+    @pytest.mark.slow
+    @pytest.mark.xfail(reason="HV post-processing is unstable on touching discs (issue 15, open)", strict=False)
+    def test_overfitted_model_gives_one_instance_per_disc_even_when_touching(
+            self, overfitted: dict[str, Any]) -> None:  # noqa: F811 (the fixture, as in the parent)
+        super().test_overfitted_model_gives_one_instance_per_disc_even_when_touching(overfitted)
+
 
 class TestUNetWithHVHead(_HVContract):
     arch = "unet"
