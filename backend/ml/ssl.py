@@ -30,11 +30,11 @@ from backend.images.pixels import read_tile_rgb
 from ml_worker import catalog
 
 from . import events
+from .lifecycle import Heartbeat, claim
 from .models import EncoderPretraining, ModelStatus, ModelVersion, RunStatus, TrainingRun
 from .services import ready_encoder, unlabelled_tiles
 
 log = logging.getLogger(__name__)
-HEARTBEAT_SECONDS = 5.0
 # Set by the worker's shutdown signal (tasks.py), as workflows.WORKER_STOPPING for training runs.
 WORKER_STOPPING = threading.Event()
 STOPPED_BY_SHUTDOWN = "Karyo's worker was stopped during the pretraining (shut down or restarted); start it again"
@@ -70,45 +70,6 @@ def model_setup(project) -> tuple[str, dict, str]:
     return architecture, kwargs, str(defaults.get("input_norm") or TrainConfig.input_norm)
 
 
-class _Heartbeat:
-    def __init__(self, pk: int):
-        self.pk = pk
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"ssl-heartbeat-{pk}")
-
-    def _beat(self) -> None:
-        from django.db import connection
-
-        try:
-            while not self._stop.wait(HEARTBEAT_SECONDS):
-                EncoderPretraining.objects.filter(pk=self.pk, status=RunStatus.RUNNING).update(
-                    heartbeat_at=timezone.now())
-        finally:
-            connection.close()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
-def _claim(pk: int, task_id: str) -> EncoderPretraining | None:
-    now = timezone.now()
-    claimed = EncoderPretraining.objects.filter(pk=pk, status=RunStatus.QUEUED).update(
-        status=RunStatus.RUNNING, started_at=now, heartbeat_at=now, celery_task_id=task_id)
-    run = EncoderPretraining.objects.filter(pk=pk).select_related("project").first()
-    if run is None:
-        log.warning("encoder pretraining %s does not exist; nothing to do", pk)
-        return None
-    if claimed or (run.status == RunStatus.RUNNING and run.celery_task_id == task_id):
-        return run  # ours, or the broker redelivered our own task after a worker crash
-    log.info("encoder pretraining %s is %s; not starting it again", pk, run.status)
-    return None
-
-
 def _stopped(run: EncoderPretraining, why: str) -> str:
     if why == "shutdown":
         EncoderPretraining.objects.filter(pk=run.pk).update(status=RunStatus.FAILED, finished_at=timezone.now(),
@@ -124,7 +85,7 @@ def _stopped(run: EncoderPretraining, why: str) -> str:
 
 def run_pretraining(*, pretraining_id: int, task_id: str = "") -> str:
     """Body of ``karyo.gpu.pretrain``: ``succeeded`` / ``cancelled`` / ``failed`` / ``skipped``."""
-    run = _claim(pretraining_id, task_id)
+    run = claim(EncoderPretraining, pretraining_id, task_id)
     if run is None:
         return "skipped"
     project = run.project
@@ -146,7 +107,7 @@ def run_pretraining(*, pretraining_id: int, task_id: str = "") -> str:
                        **{k: v for k, v in event.items() if k != "event"})
 
     try:
-        with _Heartbeat(run.pk):
+        with Heartbeat(EncoderPretraining, run.pk):
             return _pretrain_and_store(run=run, project=project, progress=progress, should_stop=should_stop)
     except Exception as exc:
         log.exception("encoder pretraining %s failed", run.pk)

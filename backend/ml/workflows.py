@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 from django.conf import settings
@@ -26,12 +26,12 @@ from ml_worker import catalog
 
 from . import coldstart, events, ssl
 from .context_prediction import ContextPredictor, OwnedPrediction
+from .lifecycle import Heartbeat, claim
 from .models import ModelStatus, ModelVersion, Prediction, QueueEntry, RunStatus, TrainingRun
 from .services import after_promotion, gate, promote, replace_queue, unlabelled_tiles
 from .signals import queue_ranked
 
 log = logging.getLogger(__name__)
-HEARTBEAT_SECONDS = 5.0
 # Set by the worker's shutdown signal (tasks.py): a training run stops at its next step and is failed
 # with a reason, instead of holding Ctrl-C for minutes or being left `running`.
 WORKER_STOPPING = threading.Event()
@@ -43,33 +43,6 @@ def runs_dir() -> Path:
     path = Path(settings.VAR_DIR) / "runs"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-class Heartbeat:
-    """Touches ``heartbeat_at`` from a thread while the run works, so a killed worker is noticed
-    (``fail_stale_runs``) even while the training loop is busy in one long step."""
-
-    def __init__(self, run_id: int):
-        self.run_id = run_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{run_id}")
-
-    def _beat(self) -> None:
-        from django.db import connection
-
-        try:
-            while not self._stop.wait(HEARTBEAT_SECONDS):
-                TrainingRun.objects.filter(pk=self.run_id, status=RunStatus.RUNNING).update(heartbeat_at=timezone.now())
-        finally:
-            connection.close()
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def model_classes(project: Project) -> list[dict]:
@@ -165,25 +138,8 @@ def load_model(model_version: ModelVersion):
     return loaded
 
 
-def _claim(run_id: int, task_id: str) -> TrainingRun | None:
-    now = timezone.now()
-    claimed = TrainingRun.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(
-        status=RunStatus.RUNNING, started_at=now, heartbeat_at=now, celery_task_id=task_id
-    )
-    run = TrainingRun.objects.filter(pk=run_id).select_related("project", "warm_start").first()
-    if run is None:
-        log.warning("training run %s does not exist; nothing to do", run_id)
-        return None
-    if claimed:
-        return run
-    if run.status == RunStatus.RUNNING and run.celery_task_id == task_id:
-        return run  # the broker redelivered our own task after a worker crash: resume it
-    log.info("training run %s is %s; not starting it again", run_id, run.status)
-    return None
-
-
 def run_training(*, run_id: int, task_id: str = "") -> str:
-    run = _claim(run_id, task_id)
+    run = claim(TrainingRun, run_id, task_id, related=("project", "warm_start"))
     if run is None:
         return "skipped"
     project = run.project
@@ -215,7 +171,7 @@ def run_training(*, run_id: int, task_id: str = "") -> str:
     try:
         # The heartbeat covers gating and storing too: a worker killed at any moment of the run
         # leaves a stale heartbeat that fail_stale_runs notices, and a slow gating is never taken for one.
-        with Heartbeat(run.pk):
+        with Heartbeat(TrainingRun, run.pk):
             return _train_and_gate(run=run, project=project, out_dir=out_dir, progress=progress,
                                    should_stop=should_stop)
     except Exception as exc:
