@@ -3,8 +3,9 @@
 Idempotent: migrations, the admin account and the demo projects are created only when missing.
 
 Processes: the web server (gunicorn with ``KARYO_WEB_PROCESSES`` uvicorn workers, HTTP and
-WebSocket, on one listening socket that this runner binds before anything else, so a port held by
-someone else is reported at once and can never be mistaken for ours), a ``gpu`` worker (train, predict, rank: one task at a time), a
+WebSocket, each on its own ``SO_REUSEPORT`` socket so that the kernel spreads connections over them;
+the runner first checks that the port is free, so a port held by someone else, another ``make run``
+included, is reported at once), a ``gpu`` worker (train, predict, rank: one task at a time), a
 ``cpu`` worker (ingest, exports, Label Studio, periodic checks: never waits behind training), one
 beat (a lock file under the var folder means never two), and Label Studio when installed.
 
@@ -40,19 +41,14 @@ def manage(*args: str) -> None:
     subprocess.run([PY, "manage.py", *args], cwd=ROOT, check=True)
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """The web servers' listening socket, held by the runner for its whole life (raises OSError when taken)."""
+def check_port_free(host: str, port: int) -> None:
+    """Raises OSError when ``host:port`` is taken. A plain bind (no SO_REUSEPORT) fails against any
+    listener there, another Karyo's web workers included; it is released at once so that the web
+    workers can bind their own sockets."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(512)
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
 
 
 def take_var_lock(var: Path):
@@ -98,19 +94,27 @@ class Service:
             pass
 
 
-def services(*, listener: socket.socket, web_processes: int, label_studio) -> list[Service]:
-    fd = listener.fileno()
+def web_command(*, bind: str, processes: int, graceful_timeout: int = 10) -> list[str]:
+    """The production web server (``make run``, the load benchmark, the fuzzing test; docker-compose
+    spells the same flags). gunicorn keeps ``processes`` uvicorn workers (HTTP and WebSocket) and
+    replaces one that dies. ``--reuse-port``: one socket per worker, so the kernel spreads
+    connections; on one shared socket the first worker to wake accepted nearly all of a burst (up
+    to all 50 clients' connections, tests/load/RESULTS.md). Idle connections are kept 75 s, longer
+    than clients keep theirs, so a client never reuses one the server is closing."""
+    return [PY, "-m", "gunicorn", "backend.karyo.asgi:application", "-k", "uvicorn_worker.UvicornWorker",
+            "-w", str(processes), "--bind", bind, "--reuse-port", "--keep-alive", "75", "--no-control-socket",
+            "--graceful-timeout", str(graceful_timeout), "--timeout", "120", "--log-level", "warning"]
+
+
+def services(*, host: str, port: int, web_processes: int, label_studio) -> list[Service]:
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     celery = [PY, "-m", "celery", "-A", "backend.karyo"]
     quiet = ["--without-gossip", "--without-mingle"]
     # A worker leaves as soon as its warm shutdown is done (backend.karyo.celery), skipping seconds of
     # interpreter teardown.
     worker_env = {**os.environ, "KARYO_WORKER_FAST_EXIT": "1"}
     out = [
-        # gunicorn keeps `web_processes` uvicorn workers (HTTP and WebSocket) on the runner's socket and
-        # replaces one that dies; the runner restarts gunicorn itself if it goes.
-        Service("web", [PY, "-m", "gunicorn", "backend.karyo.asgi:application", "-k", "uvicorn_worker.UvicornWorker",
-                        "-w", str(web_processes), "--bind", f"fd://{fd}", "--no-control-socket",
-                        "--graceful-timeout", "3", "--timeout", "120", "--log-level", "warning"], pass_fds=(fd,)),
+        Service("web", web_command(bind=bind, processes=web_processes, graceful_timeout=3)),
     ]
     out += [
         # Solo pool: one task at a time in the worker's own process, so the shutdown handler reaches
@@ -193,7 +197,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     try:
-        listener = bind_listener(host, port)
+        check_port_free(host, port)
     except OSError as exc:
         print(f"error: {host}:{port} is taken ({exc.strerror}); stop what runs there or set KARYO_PORT",
               file=sys.stderr)
@@ -224,7 +228,7 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    running = services(listener=listener, web_processes=web_processes, label_studio=label_studio)
+    running = services(host=host, port=port, web_processes=web_processes, label_studio=label_studio)
     for service in running:
         service.start()
     exit_code = 0
@@ -260,7 +264,6 @@ def main() -> int:
             time.sleep(0.3)
     finally:
         stop_all(running)
-        listener.close()
         lock.close()
         print("karyo: stopped", flush=True)
     return exit_code

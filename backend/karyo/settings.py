@@ -103,7 +103,10 @@ DATABASE_URL = env_url(
     f"sqlite:///{VAR_DIR / 'karyo.sqlite3'}",
     schemes={"sqlite", "postgres", "postgresql", "pgsql"},
 )
-_db = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
+# Web threads are long-lived (backend/karyo/asgi.py) and keep their connection between requests;
+# the health check replaces one the database closed meanwhile.
+_db = dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("KARYO_DB_CONN_MAX_AGE", 60, minimum=0),
+                            conn_health_checks=True)
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web server read while the worker writes; IMMEDIATE transactions take the
     # write lock up front, so two processes never deadlock upgrading a read lock.
@@ -117,6 +120,9 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not :memory:, so that worker processes started by tests share the test database.
     _db["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
 DATABASES = {"default": _db}
+# Threads per web process serving HTTP (backend/karyo/asgi.py); each keeps one database connection,
+# so Postgres sees up to KARYO_WEB_PROCESSES x KARYO_WEB_THREADS of them from the web.
+KARYO_WEB_THREADS = env_int("KARYO_WEB_THREADS", 4, minimum=1)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Storage ---------------------------------------------------------------------------

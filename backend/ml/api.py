@@ -228,8 +228,9 @@ class QueueNextView(APIView):
         ensure_not_archived(project=project)
         entry = services.next_tile(project=project, user=request.user)
         if entry is None:
-            return Response({"detail": "the queue is empty: every ranked tile is annotated or held by someone"},
-                            status=status.HTTP_204_NO_CONTENT)
+            # No body: HTTP forbids one on a 204, and a client reusing the connection would read
+            # it as the start of the next response.
+            return Response(status=status.HTTP_204_NO_CONTENT)
         return Response(QueueEntrySerializer(entry).data)
 
 

@@ -147,6 +147,11 @@ class QueueEntry(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["project", "tile"], name="unique_queue_tile")]
+        # The lease walks the queue in rank order and stops at the first free entries; it finds the
+        # caller's own lease by user and project (SQLite, without statistics, otherwise walks the
+        # whole queue for it).
+        indexes = [models.Index(fields=["project", "rank"], name="queue_project_rank"),
+                   models.Index(fields=["leased_by", "project"], name="queue_leased_by_project")]
         ordering = ["project_id", "rank"]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import Case, Exists, IntegerField, OuterRef, Q, Subquery, Value, When
+from django.db.models import Exists, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from backend.common.errors import Conflict, KaryoError
@@ -422,24 +422,26 @@ LEASE_CANDIDATES = 8
 def _lease_by_compare_and_set(*, project: Project, user, open_entries, free: Q, lease: dict,
                               now) -> QueueEntry | None:
     """SQLite: one database write lock for every writer of every process, so the lease holds it
-    for one statement only. One read without it (WAL readers do not wait) gives the caller's own
-    live lease if it has one, else the top free entries; each is then tried with a single
-    conditional UPDATE that re-checks, atomically, that the row is still free and open and that
-    the caller holds no other live lease; the first that changes a row wins. Two callers reading
-    the same candidates at once cost the loser one more UPDATE."""
+    for one statement only. Reads without it (WAL readers do not wait) give the caller's own live
+    lease if it has one (at most one: the UPDATE below sees to it), else the top free entries; each is then tried with a single conditional
+    UPDATE that re-checks, atomically, that the row is still free and open and that the caller
+    holds no other live lease; the first that changes a row wins. Two callers reading the same
+    candidates at once cost the loser one more UPDATE. The two reads are separate so that each
+    walks an index (``queue_leased_by_project``; ``queue_project_rank``) and stops at its first rows: one read
+    that sorted the caller's own lease first had to sort the whole queue on every lease."""
     mine = Q(leased_by=user, lease_expires_at__gt=now)
     holds_one = Exists(open_entries.filter(project=project).filter(mine))
     for _ in range(5):
-        rows = list(
-            open_entries.filter(project=project).filter(mine | free)
-            .annotate(own=Case(When(mine, then=Value(0)), default=Value(1), output_field=IntegerField()))
-            .select_related("tile").order_by("own", "rank")[:LEASE_CANDIDATES]
-        )
+        # No ORDER BY: with one, SQLite walks the whole queue by rank instead of the caller's leases
+        # (index queue_leased_by_project).
+        own = next(iter(open_entries.filter(project=project).filter(mine).select_related("tile").order_by()[:1]), None)
+        if own is not None:
+            own.leased_by = user
+            return own
+        rows = list(open_entries.filter(project=project).filter(free).select_related("tile")
+                    .order_by("rank")[:LEASE_CANDIDATES])
         if not rows:
             return None
-        if rows[0].own == 0:
-            rows[0].leased_by = user
-            return rows[0]
         for entry in rows:
             if open_entries.filter(pk=entry.pk).filter(free).filter(~holds_one).update(**lease):
                 entry.leased_by, entry.lease_expires_at = user, lease["lease_expires_at"]

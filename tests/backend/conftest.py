@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import time
+import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from backend.karyo.runner import web_command
 from backend.projects.models import Membership, Role
 from backend.projects.services import create_project
 from tests.conftest import SERVICES
@@ -231,3 +237,35 @@ def start_worker(tmp_path):
     for worker in workers:
         worker.stop()
     app.control.purge()  # chained tasks a test did not wait for must not reach the next test's worker
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen) -> None:
+        self.url, self.process = url, process
+
+
+@pytest.fixture
+def production_server(tmp_path):
+    """The production web server (gunicorn + uvicorn workers, as in docker-compose and `make run`),
+    two processes, on the test database: ``.url``, ``.process`` (gunicorn's master)."""
+    port = _free_port()
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(
+            web_command(bind=f"127.0.0.1:{port}", processes=2),
+            cwd=ROOT, env={**os.environ, **subprocess_env()}, stdout=log, stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/healthz", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.3)
+    yield Server(base, server)
+    server.terminate()
+    server.wait(timeout=30)
+    print((tmp_path / "server.log").read_text()[-3000:])

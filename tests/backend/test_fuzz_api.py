@@ -10,12 +10,8 @@ all operations are reported together. Bounded and seeded: a few examples per ope
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -25,38 +21,13 @@ from hypothesis import settings as hsettings
 from backend.images.models import Tile
 from backend.projects.models import Membership, Role
 from backend.projects.services import create_project
-from tests.backend.conftest import _free_port, client_for, subprocess_env
+from tests.backend.conftest import client_for
 from tests.backend.factories import disc_labels, finish_ingest, label_png, rgb_png
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = int(os.environ.get("KARYO_FUZZ_EXAMPLES", "2"))
 # Destructive operations run last, so that earlier operations still find the objects.
 LAST = ("DELETE", "/archive/", "/rollback/", "/cancel/")
-
-
-@pytest.fixture
-def production_server(tmp_path):
-    """The production web server (gunicorn + uvicorn workers, as in docker-compose and `make run`)."""
-    port = _free_port()
-    with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "backend.karyo.asgi:application", "-k", "uvicorn_worker.UvicornWorker",
-             "-w", "2", "-b", f"127.0.0.1:{port}", "--no-control-socket", "--log-level", "warning"],
-            cwd=ROOT, env={**os.environ, **subprocess_env()}, stdout=log, stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{base}/healthz", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.3)
-    yield base
-    server.terminate()
-    server.wait(timeout=30)
-    print((tmp_path / "server.log").read_text()[-3000:])
 
 
 @pytest.fixture
@@ -94,7 +65,7 @@ def test_fuzzing_every_operation_as_admin_and_annotator_finds_no_5xx_and_no_sche
     from schemathesis.generation import GenerationMode
     from schemathesis.specs.openapi.checks import response_schema_conformance
 
-    base = production_server
+    base = production_server.url
     schema = schemathesis.openapi.from_url(f"{base}/api/schema/")
     operations = [result.ok() for result in schema.get_all_operations()]
     operations.sort(key=lambda op: any(marker in f"{op.method.upper()} {op.path}" for marker in LAST))

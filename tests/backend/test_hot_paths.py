@@ -4,6 +4,7 @@ paths were made lean (``python -m tests.load.profile_paths``); a change that add
 request shows here."""
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -23,10 +24,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 # Token lookup, project, membership: what every project request costs before its own work.
 AUTH_QUERIES = 3
-# The lease itself. SQLite: one read (own lease or candidates, with the tile) and one conditional
-# UPDATE; Postgres, in one transaction: the caller's user row locked (one lease at a time per user),
+# The lease itself. SQLite: two reads (the caller's own lease; else the candidates, with the tile),
+# each on an index, and one conditional UPDATE; Postgres, in one transaction: the caller's user row locked (one lease at a time per user),
 # own lease, candidate (SKIP LOCKED), UPDATE, the answer's row.
-LEASE_QUERIES = {"sqlite": 2, "postgresql": 5}
+LEASE_QUERIES = {"sqlite": 3, "postgresql": 5}
 
 
 def _project_with_tiles(make_user, annotators: int, tiles_wide: int = 4):
@@ -92,6 +93,29 @@ def test_a_lease_costs_at_most_its_query_budget_and_holds_no_sqlite_transaction(
         assert not any(q["sql"].startswith("BEGIN") for q in queries.captured_queries)
     # Asking again returns the same lease.
     assert client.post(f"/api/projects/{project.pk}/queue/next/").json()["tile"] == tiles[0]
+
+
+def test_a_lease_reads_the_queue_through_its_indexes_without_sorting_or_scanning_it(make_user):
+    """The lease must not cost more as the queue grows: each read walks an index and stops at its
+    first rows (SQLite: what EXPLAIN QUERY PLAN says of the statements the lease ran)."""
+    from backend.ml.services import next_tile
+
+    if connection.vendor != "sqlite":
+        pytest.skip("Postgres plans from statistics; the SQLite plan is the one that is fixed")
+    project, tiles, users = _project_with_tiles(make_user, annotators=2)
+    next_tile(project=project, user=users[0])  # someone else holds the top tile
+    for user in users[1:]:
+        for _ in range(2):  # a new lease, then the caller's own lease
+            with CaptureQueriesContext(connection) as queries:
+                next_tile(project=project, user=user)
+            reads = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
+            assert reads
+            for sql in reads:
+                with connection.cursor() as cursor:
+                    cursor.execute("EXPLAIN QUERY PLAN " + sql)
+                    plan = " / ".join(row[-1] for row in cursor.fetchall())
+                assert "TEMP B-TREE" not in plan and "SCAN ml_queueentry" not in plan, plan
+                assert re.search(r"ml_queueentry USING INDEX queue_(project_rank|leased_by_project)", plan), plan
 
 
 def test_a_submitted_tile_leaves_the_queue_and_a_lease_skips_it(make_user):

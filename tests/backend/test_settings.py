@@ -88,6 +88,8 @@ def test_the_gpu_worker_reserves_a_gpu_and_consumes_only_the_gpu_queue():
 def test_the_web_server_runs_several_processes_and_one_beat_runs_with_a_pidfile():
     web = compose()["services"]["web"]["command"][-1]
     assert "gunicorn" in web and "uvicorn_worker.UvicornWorker" in web and "-w $${KARYO_WEB_PROCESSES:-4}" in web
+    # One socket per process (the kernel spreads connections), idle connections outlast the clients'.
+    assert "--reuse-port" in web and "--keep-alive 75" in web
     scheduler = compose()["services"]["scheduler"]
     assert "--pidfile" in scheduler["command"] and scheduler["deploy"]["replicas"] == 1
 

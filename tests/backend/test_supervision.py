@@ -136,6 +136,19 @@ def test_the_runner_says_the_port_is_taken_and_stops(tmp_path):
     assert "ready" not in done.stdout
 
 
+def test_a_port_held_by_another_karyos_web_workers_is_reported_as_taken(tmp_path):
+    port = _free_port()
+    # Karyo's web workers listen with SO_REUSEPORT (one socket each): a second `make run` on another
+    # var folder must not join their group and share the port.
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen(1)
+        done = subprocess.run([sys.executable, "-m", "backend.karyo.runner"], cwd=ROOT, env=runner_env(tmp_path, port),
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and f"127.0.0.1:{port} is taken" in done.stderr
+
+
 def test_a_second_runner_on_the_same_var_folder_is_refused(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     with open(tmp_path / "runner.lock", "w") as lock:
