@@ -28,6 +28,7 @@ DESCRIPTIONS = {
     "415": "Unsupported media type or file format.",
     "429": "Too many requests (failed sign-ins).",
     "500": "Internal error; the server log has the details.",
+    "503": "A service Karyo depends on (the file store) did not answer; try again later.",
 }
 
 
@@ -40,7 +41,7 @@ def document_errors(result, generator, request, public):
         for method, operation in item.items():
             if method not in ("get", "post", "put", "patch", "delete"):
                 continue
-            codes = ["400", "401", "403", "404", "405", "409", "413", "415", "500"]
+            codes = ["400", "401", "403", "404", "405", "409", "413", "415", "500", "503"]
             if path.endswith("/auth/token/"):
                 codes.append("429")
             responses = operation.setdefault("responses", {})

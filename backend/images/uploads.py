@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import shutil
+import unicodedata
 from pathlib import Path
 
 from django.conf import settings
@@ -63,10 +64,23 @@ def expected_part_size(upload: Upload, n: int) -> int:
     return min(upload.chunk_size, upload.size - n * upload.chunk_size)
 
 
+def _is_file_name(name: str) -> bool:
+    """Not empty, not a path step, no control character (an S3 key or an XML answer cannot carry
+    them), and encodable as UTF-8 (JSON admits lone surrogates; databases and S3 do not)."""
+    if name in ("", ".", "..") or any(unicodedata.category(c) == "Cc" for c in name):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def create_upload(*, project: Project, filename: str, size: int, user) -> Upload:
     name = Path(filename.replace("\\", "/")).name
-    if name in ("", ".", "..") or "\x00" in name:
-        raise InvalidUpload(f"{filename!r} is not a file name", code="invalid_filename")
+    if not _is_file_name(name):
+        raise InvalidUpload(f"{filename!r} is not a file name (empty, a path step, or control characters)",
+                            code="invalid_filename")
     suffix = Path(name.lower()).suffix
     if suffix == ".zip":
         raise UnsupportedFormat(
@@ -83,13 +97,22 @@ def create_upload(*, project: Project, filename: str, size: int, user) -> Upload
     chunk_size = int(settings.KARYO_UPLOAD_CHUNK_BYTES)
     if mode == "s3":
         chunk_size = max(chunk_size, S3_MIN_PART)
-    upload = Upload.objects.create(project=project, filename=name, size=size, chunk_size=chunk_size, mode=mode,
-                                   created_by=user)
-    if upload.mode == "s3":
-        client, bucket = _s3()
-        upload.s3_key = f"uploads/{upload.pk}/{name}"
-        upload.s3_upload_id = client.create_multipart_upload(Bucket=bucket, Key=upload.s3_key)["UploadId"]
-        upload.save(update_fields=["s3_key", "s3_upload_id"])
+    with transaction.atomic():  # no Upload row without its S3 multipart upload
+        upload = Upload.objects.create(project=project, filename=name, size=size, chunk_size=chunk_size, mode=mode,
+                                       created_by=user)
+        if upload.mode == "s3":
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            client, bucket = _s3()
+            # The key never holds the client's file name (kept in the row): only what S3 takes as it is.
+            upload.s3_key = f"uploads/{upload.pk}/upload{suffix if suffix.isascii() and suffix[1:].isalnum() else ''}"
+            try:
+                upload.s3_upload_id = client.create_multipart_upload(Bucket=bucket, Key=upload.s3_key)["UploadId"]
+            except (BotoCoreError, ClientError) as exc:
+                log.error("S3 refused a multipart upload for %s", upload.s3_key, exc_info=True)
+                raise KaryoError("the file store did not accept the upload; try again later",
+                                 code="storage_unavailable", status_code=503) from exc
+            upload.save(update_fields=["s3_key", "s3_upload_id"])
     return upload
 
 

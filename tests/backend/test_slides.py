@@ -532,6 +532,42 @@ def test_with_s3_storage_parts_go_to_presigned_urls_and_the_slide_ingests_from_t
     assert api("viewer").get(f"/api/images/{image.pk}/slide.dzi").status_code == 200
 
 
+def test_an_upload_named_with_control_characters_is_refused_and_leaves_no_row(slide_project, api, s3_storage):
+    # Found by fuzzing against S3: the name went into the multipart upload's key and the store
+    # answered 500 (an XML answer cannot carry \x1b); the Upload row stayed behind.
+    response = start(api("admin"), slide_project, "a\x1bb\x0e.svs", 1000)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_filename", response.content
+    assert not Upload.objects.exists()
+
+
+def test_the_s3_key_of_an_upload_holds_no_part_of_the_client_file_name(slide_project, api, s3_storage):
+    response = start(api("admin"), slide_project, "Ünïcödé slide [1] %2F.svs", 1000)
+    assert response.status_code == 201, response.content
+    upload = Upload.objects.get(pk=response.json()["id"])
+    assert upload.filename == "Ünïcödé slide [1] %2F.svs"
+    assert upload.s3_key == f"uploads/{upload.pk}/upload.svs"
+
+
+def test_an_upload_the_file_store_refuses_answers_503_and_leaves_no_row(slide_project, api, s3_storage, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    real = uploads._s3
+
+    def refusing_store(**kwargs):
+        client, bucket = real(**kwargs)
+
+        def refuse(**_kwargs):
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "down"}}, "CreateMultipartUpload")
+
+        monkeypatch.setattr(client, "create_multipart_upload", refuse)
+        return client, bucket
+
+    monkeypatch.setattr(uploads, "_s3", refusing_store)
+    response = start(api("admin"), slide_project, "generated.svs", 1000)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "storage_unavailable", response.content
+    assert not Upload.objects.exists()
+
+
 # --- the management command ---------------------------------------------------------------------------
 
 def test_import_images_stores_a_folder_of_slides_and_reports_tiles_kept(slide_project, slide_path, tmp_path):
