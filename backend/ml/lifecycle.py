@@ -1,13 +1,20 @@
 """What a long-running job row (a ``TrainingRun``, an ``EncoderPretraining``) shares while a worker
-runs it: claiming it once, and a heartbeat that lets ``fail_stale_*`` notice a killed worker."""
+runs it: claiming it once, a heartbeat, failing the jobs whose heartbeat stopped (a killed
+worker), and cancelling. The callers (``services``) add their own messages and events."""
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Self, TypeVar
 
+from django.conf import settings
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
+
+from backend.common.errors import Conflict
 
 from .models import RunStatus
 
@@ -61,3 +68,33 @@ def claim(model: type[Job], pk: int, task_id: str, *, related: tuple[str, ...] =
         return job
     log.info("%s %s is %s; not starting it again", name, pk, job.status)
     return None
+
+
+def fail_stale(model: type[Job], *, reason: Callable[[Job], str], project=None,
+               timeout_seconds: int | None = None) -> list[Job]:
+    """Running jobs whose heartbeat stopped more than ``timeout_seconds`` ago (default
+    ``KARYO_HEARTBEAT_TIMEOUT_SECONDS``) are marked failed with ``reason(job)``, so nothing stays
+    ``running`` forever. Returns the jobs this call failed (another caller may fail some first)."""
+    timeout = settings.KARYO_HEARTBEAT_TIMEOUT_SECONDS if timeout_seconds is None else timeout_seconds
+    cutoff = timezone.now() - timedelta(seconds=timeout)
+    stale = model.objects.filter(status=RunStatus.RUNNING).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff))
+    if project is not None:
+        stale = stale.filter(project=project)
+    return [job for job in stale
+            if model.objects.filter(pk=job.pk, status=RunStatus.RUNNING).update(
+                status=RunStatus.FAILED, finished_at=timezone.now(), error=reason(job))]
+
+
+def request_cancel(model: type[Job], job: Job, *, label: str) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop at its next step. A job
+    that finished meanwhile is a ``Conflict`` ("``label`` is already ..."), never silently marked."""
+    if not job.is_live:
+        raise Conflict(f"{label} is already {job.status}")
+    cancelled = model.objects.filter(pk=job.pk, status=RunStatus.QUEUED).update(
+        status=RunStatus.CANCELLED, cancel_requested=True, finished_at=timezone.now())
+    if not cancelled and not model.objects.filter(pk=job.pk, status=RunStatus.RUNNING).update(cancel_requested=True):
+        job.refresh_from_db()
+        raise Conflict(f"{label} is already {job.status}")
+    job.refresh_from_db()
+    return job

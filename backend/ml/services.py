@@ -19,7 +19,7 @@ from backend.projects.models import Project
 from backend.projects.services import ensure_not_archived
 from ml_worker import catalog
 
-from . import events
+from . import events, lifecycle
 from .models import (
     CorrectionEffort,
     EncoderPretraining,
@@ -80,24 +80,14 @@ def freeze_validation_split(*, project: Project, seed: int = 0) -> None:
 
 def fail_stale_runs(*, project: Project | None = None, timeout_seconds: int | None = None) -> int:
     """Runs whose worker stopped sending heartbeats are failed, so nothing stays `running` forever."""
-    timeout = settings.KARYO_HEARTBEAT_TIMEOUT_SECONDS if timeout_seconds is None else timeout_seconds
-    cutoff = timezone.now() - timedelta(seconds=timeout)
-    stale = TrainingRun.objects.filter(status=RunStatus.RUNNING).filter(
-        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
-    )
-    if project is not None:
-        stale = stale.filter(project=project)
-    count = 0
-    for run in stale:
-        updated = TrainingRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
-            status=RunStatus.FAILED, finished_at=timezone.now(),
-            error=f"the worker stopped responding (last heartbeat {run.heartbeat_at or run.started_at:%Y-%m-%d %H:%M:%S} UTC); "
-                  "the run was marked failed so a new one can start",
-        )
-        if updated:
-            count += 1
-            events.record(run.project_id, "run.failed", f"training run {run.pk} lost its worker", run=run.pk)
-    return count
+    failed = lifecycle.fail_stale(
+        TrainingRun, project=project, timeout_seconds=timeout_seconds,
+        reason=lambda run: (f"the worker stopped responding (last heartbeat "
+                            f"{run.heartbeat_at or run.started_at:%Y-%m-%d %H:%M:%S} UTC); "
+                            "the run was marked failed so a new one can start"))
+    for run in failed:
+        events.record(run.project_id, "run.failed", f"training run {run.pk} lost its worker", run=run.pk)
+    return len(failed)
 
 
 def start_training_run(
@@ -129,19 +119,8 @@ def start_training_run(
 
 
 def cancel_run(*, run: TrainingRun, by=None) -> TrainingRun:
-    if not run.is_live:
-        raise Conflict(f"run {run.pk} is already {run.status}")
     # A queued run is cancelled at once; a running one stops at its next step.
-    updated = TrainingRun.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
-        status=RunStatus.CANCELLED, cancel_requested=True, finished_at=timezone.now()
-    )
-    if not updated:
-        # Only while it runs: a run that finished meanwhile is reported, not silently marked.
-        running = TrainingRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(cancel_requested=True)
-        if not running:
-            run.refresh_from_db()
-            raise Conflict(f"run {run.pk} is already {run.status}")
-    run.refresh_from_db()
+    run = lifecycle.request_cancel(TrainingRun, run, label=f"run {run.pk}")
     events.record(run.project_id, "run.cancel", f"training run {run.pk} cancelled", actor=by, run=run.pk)
     return run
 
@@ -290,15 +269,8 @@ def maybe_start_pretraining(*, project: Project) -> EncoderPretraining | None:
 def cancel_pretraining(*, pretraining: EncoderPretraining, by=None) -> EncoderPretraining:
     """A queued pretraining is cancelled at once; a running one stops at its next step and
     writes nothing."""
-    if not pretraining.is_live:
-        raise Conflict(f"encoder pretraining {pretraining.pk} is already {pretraining.status}")
-    updated = EncoderPretraining.objects.filter(pk=pretraining.pk, status=RunStatus.QUEUED).update(
-        status=RunStatus.CANCELLED, cancel_requested=True, finished_at=timezone.now())
-    if not updated and not EncoderPretraining.objects.filter(pk=pretraining.pk, status=RunStatus.RUNNING).update(
-            cancel_requested=True):
-        pretraining.refresh_from_db()
-        raise Conflict(f"encoder pretraining {pretraining.pk} is already {pretraining.status}")
-    pretraining.refresh_from_db()
+    pretraining = lifecycle.request_cancel(EncoderPretraining, pretraining,
+                                           label=f"encoder pretraining {pretraining.pk}")
     events.record(pretraining.project_id, "ssl.cancel", f"encoder pretraining {pretraining.pk} cancelled", actor=by,
                   pretraining=pretraining.pk)
     return pretraining
@@ -306,21 +278,12 @@ def cancel_pretraining(*, pretraining: EncoderPretraining, by=None) -> EncoderPr
 
 def fail_stale_pretrainings(*, project: Project | None = None, timeout_seconds: int | None = None) -> int:
     """Pretrainings whose worker stopped sending heartbeats are failed (as training runs are)."""
-    timeout = settings.KARYO_HEARTBEAT_TIMEOUT_SECONDS if timeout_seconds is None else timeout_seconds
-    cutoff = timezone.now() - timedelta(seconds=timeout)
-    stale = EncoderPretraining.objects.filter(status=RunStatus.RUNNING).filter(
-        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff))
-    if project is not None:
-        stale = stale.filter(project=project)
-    count = 0
-    for run in stale:
-        if EncoderPretraining.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
-                status=RunStatus.FAILED, finished_at=timezone.now(),
-                error="the worker stopped responding; the pretraining was marked failed so a new one can start"):
-            count += 1
-            events.record(run.project_id, "ssl.failed", f"encoder pretraining {run.pk} lost its worker",
-                          pretraining=run.pk)
-    return count
+    failed = lifecycle.fail_stale(
+        EncoderPretraining, project=project, timeout_seconds=timeout_seconds,
+        reason=lambda _: "the worker stopped responding; the pretraining was marked failed so a new one can start")
+    for run in failed:
+        events.record(run.project_id, "ssl.failed", f"encoder pretraining {run.pk} lost its worker", pretraining=run.pk)
+    return len(failed)
 
 
 # --- model versions --------------------------------------------------------------------------
