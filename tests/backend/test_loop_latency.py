@@ -11,7 +11,16 @@ from tests.load.loop_latency import build_project, measure
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 TINY = {"epochs": 1, "width": 4, "tile_size": 64, "batch_size": 4, "steps_per_epoch": 4}
-ORDER = ["submitted", "started", "finished", "promoted", "predicted", "ranked"]
+# "submitted" is the whole submission call, which goes on after it queued the run (events, the other
+# subscribers): a fast worker may start the run before the call returns. So the order starts at
+# "queued", and the run must be queued within the submission.
+ORDER = ["queued", "started", "finished", "promoted", "predicted", "ranked"]
+
+
+def assert_in_order(times: dict[str, float]) -> None:
+    ordered = [times[k] for k in ORDER if k in times]
+    assert ordered == sorted(ordered) and ordered[0] >= 0, times
+    assert times["queued"] <= times["submitted"], times
 
 
 def test_the_benchmark_times_each_phase_in_order_and_the_queue_follows_the_promoted_model(start_worker):
@@ -28,8 +37,8 @@ def test_the_benchmark_times_each_phase_in_order_and_the_queue_follows_the_promo
     # Cycle 1: the 2nd submission starts the first run, whose model is promoted (nothing to beat),
     # then every tile is predicted and the queue is ranked by the project's strategy with it.
     assert first.submissions == 2 and first.outcome == "promoted", (first.outcome, first.reason, worker.output()[-3000:])
-    times = [first.times[k] for k in ORDER]
-    assert times == sorted(times) and times[0] >= 0, first.times
+    assert set(ORDER) <= set(first.times), first.times
+    assert_in_order(first.times)
     assert first.tiles_predicted == 8 and first.queue_strategy in catalog.strategy_names()
     # Cycle 2 retrains from the active model; the gate decides, and the queue says which way.
     assert second.submissions == 2 and second.outcome in ("promoted", "refused"), (second.outcome, second.reason)
@@ -38,8 +47,8 @@ def test_the_benchmark_times_each_phase_in_order_and_the_queue_follows_the_promo
     active = ModelVersion.objects.get(project=project, status=ModelStatus.ACTIVE)
     queue_versions = set(QueueEntry.objects.filter(project=project).values_list("model_version__version", flat=True))
     if second.outcome == "promoted":
-        times = [second.times[k] for k in ORDER]
-        assert times == sorted(times), second.times
+        assert set(ORDER) <= set(second.times), second.times
+        assert_in_order(second.times)
         assert active.version == second.model_version and queue_versions == {second.model_version}
         assert QueueEntry.objects.filter(project=project, created_at__lt=active.promoted_at).count() == 0
     else:
