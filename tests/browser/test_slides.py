@@ -277,6 +277,9 @@ def test_files_that_are_not_slides_are_skipped_or_refused_with_the_reason_and_th
     Image.objects.create(name="big-slide.svs", sha256="a" * 64, state=ImageState.INGESTING, ingest_progress=0.4, **common)
     Image.objects.create(name="broken.svs", sha256="b" * 64, state=ImageState.FAILED,
                          state_reason="broken.svs: the file is cut short (truncated after 1.2 GB)", **common)
+    # The server trusts a worker that answered for 10 s: the previous test's worker may still be
+    # remembered. Ask it to check again now that no worker runs.
+    assert s.page.evaluate("fetch('/api/system/status/?refresh=1').then(r => r.json())")["worker"]["online"] is False
     s.goto(f"/projects/{project.pk}/images/")
     s.page.wait_for_selector("[data-testid=image-ingesting]")
     assert "ingesting 40%" in s.page.inner_text("[data-testid=image-ingesting]")
